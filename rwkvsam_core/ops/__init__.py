@@ -1,0 +1,119 @@
+"""The Bi-WKV operator: one public function, dispatching to the best implementation for the device.
+
+``bi_wkv(w, u, k, v)`` computes, for every batch b and channel c (ARCHITECTURE.md section 2)::
+
+    y_t = ( sum_{i != t} exp(-(|t-i|-1)*w + k_i) * v_i + exp(u + k_t) * v_t )
+        / ( sum_{i != t} exp(-(|t-i|-1)*w + k_i)       + exp(u + k_t) )
+
+CUDA tensors use the CUDA kernel when ``rwkvsam_core.ops._cuda_dispatch`` provides one; everything
+else (and CUDA when the kernel is unavailable) uses the portable PyTorch implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from .portable import bi_wkv_portable
+
+__all__ = ["bi_wkv", "bi_wkv_backend_info"]
+
+logger = logging.getLogger(__name__)
+
+_PORTABLE_REASON = "portable PyTorch implementation (O(T) cumulative sums, float32/float64 accumulation)"
+_cuda_choice: tuple[Callable | None, str] | None = None
+_logged_devices: set[str] = set()
+
+
+def _cuda_impl() -> tuple[Callable | None, str]:
+    """(impl or None, reason), looked up once per process."""
+    global _cuda_choice
+    if _cuda_choice is None:
+        try:
+            from ._cuda_dispatch import get_cuda_impl
+        except ImportError as exc:
+            _cuda_choice = (None, f"no CUDA dispatch module ({exc})")
+        else:
+            try:
+                _cuda_choice = get_cuda_impl()
+            except Exception as exc:  # a broken kernel build must never break the model
+                logger.warning("Bi-WKV CUDA kernel lookup failed: %s", exc)
+                _cuda_choice = (None, f"CUDA kernel lookup failed: {exc}")
+    return _cuda_choice
+
+
+def bi_wkv_backend_info(device: str | torch.device = "cpu") -> dict[str, str]:
+    """Which Bi-WKV implementation ``bi_wkv`` uses for tensors on ``device``, and why.
+
+    Returns:
+        ``{"backend": "portable" | "cuda" | ..., "reason": one line}``.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return {"backend": "portable", "reason": "CUDA is not available in this torch build/machine"}
+        impl, reason = _cuda_impl()
+        if impl is not None:
+            return {"backend": "cuda", "reason": reason}
+        if not reason.startswith("portable"):
+            reason = f"portable: CUDA kernel unavailable ({reason})"
+        return {"backend": "portable", "reason": reason}
+    return {"backend": "portable", "reason": f"portable: {dev.type} device uses the {_PORTABLE_REASON}"}
+
+
+def _log_choice_once(device: torch.device) -> None:
+    if device.type not in _logged_devices:
+        _logged_devices.add(device.type)
+        info = bi_wkv_backend_info(device)
+        logger.info("bi_wkv on %s: %s backend (%s)", device.type, info["backend"], info["reason"])
+
+
+def _validate(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, x in (("w", w), ("u", u), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"bi_wkv: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"bi_wkv: {name} must be a floating-point tensor, got {x.dtype}")
+    if k.dim() != 3:
+        raise ValueError(f"bi_wkv: k must have shape (B, T, C), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"bi_wkv: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if v.dtype != k.dtype:
+        raise ValueError(f"bi_wkv: v must have k's dtype {k.dtype}, got {v.dtype}")
+    C = k.shape[2]
+    if w.shape != (C,) or u.shape != (C,):
+        raise ValueError(
+            f"bi_wkv: w and u must have shape (C,) = ({C},), got w {tuple(w.shape)}, u {tuple(u.shape)}"
+        )
+    devices = {x.device for x in (w, u, k, v)}
+    if len(devices) != 1:
+        raise ValueError(f"bi_wkv: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional WKV attention of Vision-RWKV / RWKV-SAM, exact formula, O(T).
+
+    Args:
+        w: (C,) per-channel decay, already divided by T (may be negative).
+        u: (C,) per-channel bonus of the token itself, already divided by T.
+        k: (B, T, C) keys (float16, bfloat16, float32 or float64).
+        v: (B, T, C) values, same dtype as k.
+
+    Returns:
+        y: (B, T, C) in k's dtype; accumulation is float32 (float64 for float64 inputs).
+        Differentiable in w, u, k and v.
+
+    Raises:
+        ValueError: on wrong shapes, dtypes or mixed devices.
+    """
+    _validate(w, u, k, v)
+    if k.numel() == 0:
+        return torch.zeros_like(k)
+    _log_choice_once(k.device)
+    if k.device.type == "cuda":
+        impl, _ = _cuda_impl()
+        if impl is not None:
+            return impl(w, u, k, v)
+    return bi_wkv_portable(w, u, k, v)

@@ -1,0 +1,27 @@
+"""Shared test configuration: deterministic seeds, quiet random-weight warnings, CUDA marker skip."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run on the device machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RWKV-SAM: no weights", category=UserWarning)
+        yield
