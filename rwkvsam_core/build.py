@@ -17,7 +17,6 @@ from .checkpoint import (
     LAYOUT_OFFICIAL_SAM,
     LAYOUT_OURS,
     CheckpointError,
-    adapt_sam_image_size,
     check_keys,
     load_checkpoint,
     load_state_dict_strict,
@@ -31,8 +30,14 @@ DEFAULT_MODEL = "rwkvsam_t"
 
 def _rwkvsam(dims: tuple[int, int, int]) -> Callable[..., RWKVSAM]:
     def build(name: str, image_size: int, decoder_mode: str) -> RWKVSAM:
-        return RWKVSAM(dims, depth=14, hidden_rate=2, image_size=image_size, decoder_mode=decoder_mode,
-                       config={"name": name})
+        return RWKVSAM(
+            dims,
+            depth=14,
+            hidden_rate=2,
+            image_size=image_size,
+            decoder_mode=decoder_mode,
+            config={"name": name},
+        )
 
     return build
 
@@ -107,7 +112,9 @@ def build_model(
     elif ckpt is not None and ckpt.layout in (LAYOUT_AUTHORS, LAYOUT_AUTHORS_STAGE1):
         if is_sam:
             raise CheckpointError(f"{checkpoint} is an RWKV-SAM checkpoint; use an rwkvsam_* model")
-        has_extra_mlps = any(k.startswith("mask_decoder.output_hypernetworks_mlps.1.") for k in ckpt.state_dict)
+        has_extra_mlps = any(
+            k.startswith("mask_decoder.output_hypernetworks_mlps.1.") for k in ckpt.state_dict
+        )
         if ckpt.layout == LAYOUT_AUTHORS:
             decoder_mode = decoder_mode or ("multimask" if has_extra_mlps else "single")
     image_size = int(image_size or 1024)
@@ -132,20 +139,24 @@ def _load_into(model: PromptableSegmenter, ckpt, source: str, is_sam: bool) -> N
     if ckpt.layout == LAYOUT_OFFICIAL_SAM and not is_sam:
         parts = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
         if model.decoder_mode == "single":
-            parts = {k: v for k, v in parts.items()
-                     if not k.startswith("mask_decoder.output_hypernetworks_mlps.")
-                     or k.startswith("mask_decoder.output_hypernetworks_mlps.0.")}
+            parts = {
+                k: v
+                for k, v in parts.items()
+                if not k.startswith("mask_decoder.output_hypernetworks_mlps.")
+                or k.startswith("mask_decoder.output_hypernetworks_mlps.0.")
+            }
         _load_subset(model, parts, source, ("prompt_encoder.", "mask_decoder."))
-        logger.warning("loaded the prompt encoder and mask decoder of %s; backbone, neck and refine are random",
-                       source)
+        logger.warning(
+            "loaded the prompt encoder and mask decoder of %s; backbone, neck and refine are random", source
+        )
         return
     if ckpt.layout == LAYOUT_AUTHORS_STAGE1:
         _load_subset(model, sd, source, ("backbone.", "neck."))
-        logger.warning("loaded the distilled backbone and neck of %s; prompt encoder, decoder and refine are random",
-                       source)
+        logger.warning(
+            "loaded the distilled backbone and neck of %s; prompt encoder, decoder and refine are random",
+            source,
+        )
         return
-    if is_sam:
-        sd = adapt_sam_image_size(sd, model)
     load_state_dict_strict(model, sd, source)
 
 

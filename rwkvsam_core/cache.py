@@ -9,6 +9,7 @@ entry that cannot be read is logged, removed and recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -188,8 +189,6 @@ class EmbeddingCache:
             return feats
         except Exception as err:  # corrupt, truncated or foreign file: recompute
             logger.warning("discarding unreadable embedding cache entry %s: %s", path, err)
-            try:
+            with contextlib.suppress(OSError):
                 path.unlink()
-            except OSError:
-                pass
             return None

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -52,7 +51,9 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    model: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write ``model``'s weights and config as safetensors, atomically.
 
     Args:
@@ -176,25 +177,9 @@ def convert_authors_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def adapt_sam_image_size(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Resize the ViT's absolute (bicubic) and relative (linear) position tables to the model's input size."""
-    target = model.state_dict()
-    out = dict(sd)
-    for key, value in sd.items():
-        if key not in target or target[key].shape == value.shape:
-            continue
-        want = target[key].shape
-        if key.endswith("image_encoder.pos_embed") and value.ndim == 4:
-            grid = value.permute(0, 3, 1, 2).float()
-            grid = F.interpolate(grid, size=(want[1], want[2]), mode="bicubic", align_corners=False)
-            out[key] = grid.permute(0, 2, 3, 1).to(value.dtype)
-        elif key.endswith((".rel_pos_h", ".rel_pos_w")) and value.ndim == 2 and value.shape[1] == want[1]:
-            table = value.float().t()[None]
-            out[key] = F.interpolate(table, size=want[0], mode="linear")[0].t().to(value.dtype)
-    return out
-
-
-def load_state_dict_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_strict(
+    module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Load strictly; on any mismatch raise CheckpointError naming missing, unexpected and mis-shaped keys."""
     check_keys(module.state_dict(), sd, source)
     module.load_state_dict(sd, strict=True)

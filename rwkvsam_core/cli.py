@@ -129,8 +129,14 @@ def cmd_embed(args) -> int:
             failed += 1
             logger.warning("skipped %s: %s", path, err)
     done = len(files) - failed
-    logger.info("%d images embedded (%d computed, %d already cached), %d skipped; cache: %s",
-                done, cache.misses, done - cache.misses, failed, args.cache)
+    logger.info(
+        "%d images embedded (%d computed, %d already cached), %d skipped; cache: %s",
+        done,
+        cache.misses,
+        done - cache.misses,
+        failed,
+        args.cache,
+    )
     return 0 if done else EXIT_ERROR
 
 
@@ -161,7 +167,9 @@ def cmd_info(args) -> int:
         n_enc = sum(p.numel() for p in enc.parameters())
         n_all = sum(p.numel() for p in model.parameters())
         weights = default_checkpoint(name)
-        print(f"  {name:10s} {n_enc / 1e6:7.2f}M {n_all / 1e6:7.2f}M  {weights if weights else 'none (random)'}")
+        print(
+            f"  {name:10s} {n_enc / 1e6:7.2f}M {n_all / 1e6:7.2f}M  {weights if weights else 'none (random)'}"
+        )
     return 0
 
 
@@ -172,10 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment objects in an image from boxes or points")
     p.add_argument("image", help="input image (PNG, JPEG, TIFF, ... or .npy)")
-    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"),
-                   help="box prompt in pixels (repeat for several objects)")
+    p.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        action="append",
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="box prompt in pixels (repeat for several objects)",
+    )
     p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help="positive point")
-    p.add_argument("--negative", nargs=2, type=float, action="append", metavar=("X", "Y"), help="negative point")
+    p.add_argument(
+        "--negative", nargs=2, type=float, action="append", metavar=("X", "Y"), help="negative point"
+    )
     p.add_argument("--out", required=True, help="output PNG (mask, or label image for several boxes)")
     p.add_argument("--separate", action="store_true", help="several boxes: one mask file each (OUT_i.png)")
     p.add_argument("--single-mask", action="store_true", help="one decoder output instead of the best of 3")

@@ -73,7 +73,7 @@ class Predictor:
     def compute_features(self, rgb: np.ndarray) -> ImageFeatures:
         """Run the image encoder on an (H, W, 3) uint8 RGB image; does not change the predictor state."""
         resized = self.transform.apply_image(rgb)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
+        x = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float()
         return self._encode(x, tuple(rgb.shape[:2]))
 
     @torch.no_grad()
@@ -175,8 +175,9 @@ class Predictor:
             if n == 1 and boxes.shape[0] > 1:
                 coords_t = coords_t.expand(boxes.shape[0], -1, -1)
                 labels_t = labels_t.expand(boxes.shape[0], -1)
-            box_t = torch.as_tensor(self.transform.apply_boxes(boxes, self.original_size), dtype=torch.float,
-                                    device=self.device)
+            box_t = torch.as_tensor(
+                self.transform.apply_boxes(boxes, self.original_size), dtype=torch.float, device=self.device
+            )
             n = boxes.shape[0]
         if mask_input is not None:
             m = np.asarray(mask_input, dtype=np.float32)
@@ -184,7 +185,9 @@ class Predictor:
             if m.ndim == 3:
                 m = m[None]
             if m.ndim != 4 or m.shape[1:] != (1, side, side):
-                raise ValueError(f"mask_input must be (1, {side}, {side}) low-res logits, got {np.shape(mask_input)}")
+                raise ValueError(
+                    f"mask_input must be (1, {side}, {side}) low-res logits, got {np.shape(mask_input)}"
+                )
             mask_t = torch.as_tensor(m, device=self.device)
             if n is not None and mask_t.shape[0] == 1 and n > 1:
                 mask_t = mask_t.expand(n, -1, -1, -1)
@@ -228,7 +231,8 @@ class Predictor:
         h, w = self.original_size
         chunk = max(1, int(2**27 // max(1, h * w * low_res.shape[1])))
         for start in range(0, low_res.shape[0], chunk):
-            logits = postprocess_masks(low_res[start : start + chunk], self.input_size, self.original_size,
-                                       self.model.image_size)
+            logits = postprocess_masks(
+                low_res[start : start + chunk], self.input_size, self.original_size, self.model.image_size
+            )
             outputs.append(logits if return_logits else logits > MASK_THRESHOLD)
         return torch.cat(outputs), iou, low_res

@@ -68,7 +68,7 @@ class ResizeLongestSide:
         h, w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
         if (h, w) == image.shape[:2]:
             return image
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(..., 2) x, y in original pixels -> input-frame pixels."""

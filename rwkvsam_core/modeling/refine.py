@@ -28,15 +28,21 @@ class RefineModule(nn.Module):
         mid, out = feat_dim // 4, feat_dim // 8
         self.out_chans = out
         self.hr_feat_proj = nn.Sequential(
-            nn.Conv2d(hr_chans, mid, 3, padding=1), LayerNorm2d(mid, eps=1e-6), nn.GELU(),
+            nn.Conv2d(hr_chans, mid, 3, padding=1),
+            LayerNorm2d(mid, eps=1e-6),
+            nn.GELU(),
             nn.Conv2d(mid, out, 3, padding=1),
         )
         self.mr_feat_proj = nn.Sequential(
-            nn.ConvTranspose2d(mr_chans, mid, kernel_size=2, stride=2), LayerNorm2d(mid, eps=1e-6), nn.GELU(),
+            nn.ConvTranspose2d(mr_chans, mid, kernel_size=2, stride=2),
+            LayerNorm2d(mid, eps=1e-6),
+            nn.GELU(),
             nn.Conv2d(mid, out, 3, padding=1),
         )
         self.mix_feat_proj = nn.Sequential(
-            nn.Conv2d(3 * out, mid, 3, padding=1), LayerNorm2d(mid, eps=1e-6), nn.GELU(),
+            nn.Conv2d(3 * out, mid, 3, padding=1),
+            LayerNorm2d(mid, eps=1e-6),
+            nn.GELU(),
             nn.Conv2d(mid, out, 3, padding=1),
         )
 

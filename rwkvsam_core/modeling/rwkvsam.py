@@ -5,6 +5,7 @@ Both map tensors to tensors and hold no per-image state (the Predictor owns that
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -221,6 +222,8 @@ class SAM(PromptableSegmenter):
             encoder_global_attn_indexes=list(encoder_global_attn_indexes),
         )
         super().__init__(image_size, "multimask", cfg)
+        # Position tables keep the official 1024-input shapes (official checkpoints load as they
+        # are) and are resized on the fly for other input sizes.
         self.image_encoder = ImageEncoderViT(
             depth=encoder_depth,
             embed_dim=encoder_embed_dim,
@@ -229,10 +232,12 @@ class SAM(PromptableSegmenter):
             num_heads=encoder_num_heads,
             patch_size=16,
             qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
             use_rel_pos=True,
             global_attn_indexes=tuple(encoder_global_attn_indexes),
             window_size=14,
             out_chans=EMBED_DIM,
+            pretrain_img_size=1024,
         )
 
     def encode_image(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

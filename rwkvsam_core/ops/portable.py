@@ -53,62 +53,73 @@ def _excl_prefix(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return out
 
 
-#: Block length of the CPU scan (in-block prefix/suffix sums as small matrix products).
+#: Block length of the CPU scan (see ``_prefix_sum_``).
 _SCAN_BLOCK = 16
-_tri_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _tri_pair(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(2, 1, L, L): lower-triangular (prefix) and upper-triangular (suffix) ones matrices."""
-    key = (dtype, device)
-    if key not in _tri_cache:
-        ones = torch.ones(_SCAN_BLOCK, _SCAN_BLOCK, dtype=dtype, device=device)
-        _tri_cache[key] = torch.stack((torch.tril(ones), torch.triu(ones))).unsqueeze(1)
-    return _tri_cache[key]
+def _prefix_sum_(a: torch.Tensor) -> None:
+    """In-place inclusive prefix sum of a (N, n, C) tensor (contiguous in its last two dims) along dim 1.
+
+    torch.cumsum along a strided dimension walks each column separately and is slow on the CPU.
+    Here each block of ``_SCAN_BLOCK`` rows is scanned by row additions vectorised over all columns,
+    block totals are scanned recursively and added back: O(n) work, about 3 passes over the data.
+    """
+    n = a.shape[1]
+    L = _SCAN_BLOCK
+    if n <= L:
+        for i in range(1, n):
+            a[:, i] += a[:, i - 1]
+        return
+    nb = n // L
+    m = nb * L
+    blocks = a[:, :m].unflatten(1, (nb, L))
+    for i in range(1, L):
+        blocks[:, :, i] += blocks[:, :, i - 1]
+    totals = blocks[:, :, L - 1].clone()
+    _prefix_sum_(totals)
+    blocks[:, 1:] += totals[:, :-1].unsqueeze(2)
+    for i in range(m, n):
+        a[:, i] += a[:, i - 1]
 
 
-def _matmul_scan_exact(t: torch.Tensor) -> bool:
-    """Blocked matmul scan only on the CPU and only when float32 matmuls are full precision."""
-    if t.device.type != "cpu":
-        return False
-    return t.dtype == torch.float64 or torch.get_float32_matmul_precision() == "highest"
+def _suffix_sum_(a: torch.Tensor) -> None:
+    """In-place inclusive suffix sum along dim 1, the mirror image of ``_prefix_sum_``."""
+    n = a.shape[1]
+    L = _SCAN_BLOCK
+    if n <= L:
+        for i in range(n - 2, -1, -1):
+            a[:, i] += a[:, i + 1]
+        return
+    nb = n // L
+    r = n - nb * L
+    blocks = a[:, r:].unflatten(1, (nb, L))
+    for i in range(L - 2, -1, -1):
+        blocks[:, :, i] += blocks[:, :, i + 1]
+    totals = blocks[:, :, 0].clone()
+    _suffix_sum_(totals)
+    blocks[:, :-1] += totals[:, 1:].unsqueeze(2)
+    for i in range(r - 1, -1, -1):
+        a[:, i] += a[:, i + 1]
 
 
-def _scan_pair(z: torch.Tensor) -> torch.Tensor:
+def _scan_pair_(z: torch.Tensor) -> torch.Tensor:
     """Inclusive prefix sum of z[0] and inclusive suffix sum of z[1] along dim 2.
 
-    z: (2, N, T, C). Returns a new (2, N, T, C) tensor. On the CPU, a plain cumsum along the
-    strided T dimension is slow, so T is cut into blocks of ``_SCAN_BLOCK``: in-block sums are one
-    batched product with triangular ones matrices and block offsets a short cumsum over blocks.
+    z: (2, N, T, C), contiguous. On the CPU the scan is done in place (and z returned); elsewhere
+    torch.cumsum is fast in any layout and a new tensor is returned.
     """
-    _, N, T, C = z.shape
-    if not _matmul_scan_exact(z) or T < 2 * _SCAN_BLOCK:
+    if z.device.type != "cpu":
         return torch.stack((torch.cumsum(z[0], dim=1), torch.cumsum(z[1].flip(1), dim=1).flip(1)))
-    L = _SCAN_BLOCK
-    nb = -(-T // L)
-    if nb * L != T:
-        zp = z.new_zeros((2, N, nb * L, C))
-        zp[:, :, :T] = z
-        z = zp
-    res = torch.matmul(_tri_pair(z.dtype, z.device), z.reshape(2, N * nb, L, C)).view(2, N, nb, L, C)
-    pre_off = torch.cumsum(res[0, :, :-1, -1], dim=1)  # (N, nb-1, C): totals of blocks before b
-    res[0, :, 1:] += pre_off.unsqueeze(2)
-    suf_off = torch.cumsum(res[1, :, 1:, 0].flip(1), dim=1).flip(1)  # totals of blocks after b
-    res[1, :, :-1] += suf_off.unsqueeze(2)
-    res = res.view(2, N, nb * L, C)
-    return res[:, :, :T] if nb * L != T else res
+    _prefix_sum_(z[0])
+    _suffix_sum_(z[1])
+    return z
 
 
-def _decay_factors(w: torch.Tensor, T: int) -> tuple[torch.Tensor, ...]:
-    """(T, C) factors for centred positions p = t - (T-1)/2.
-
-    Returns exp(p*w), exp(-p*w), exp(-(p-1)*w) (causal rescale), exp((p+1)*w) (anti-causal rescale).
-    """
+def _decay_factors(w: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, C) factors exp(p*w) and exp(-p*w) for centred positions p = t - (T-1)/2."""
     p = torch.arange(T, dtype=w.dtype, device=w.device) - (T - 1) / 2
-    e_pos = torch.exp(p.unsqueeze(1) * w)
-    e_neg = torch.reciprocal(e_pos)
-    ew = torch.exp(w)
-    return e_pos, e_neg, e_neg * ew, e_pos * ew
+    e_pos = (p.unsqueeze(1) * w).exp_()
+    return e_pos, torch.reciprocal(e_pos)
 
 
 def _bidir_decay_sum(x: torch.Tensor, w: torch.Tensor, order: int = 1) -> torch.Tensor:
@@ -119,28 +130,39 @@ def _bidir_decay_sum(x: torch.Tensor, w: torch.Tensor, order: int = 1) -> torch.
       order 2: out[t] = sum_{i != t} (|t-i|-1) * exp(-(|t-i|-1)*w) * x[i]
     Requires max|w| * (T/2 + 1) <= SAFE_HALF_RANGE (all factors then lie in [e^-8, e^8]).
 
-    Causal pairs factorise as exp(-(p_t-1)*w) * exp(p_i*w), anti-causal pairs as
-    exp((p_t+1)*w) * exp(-p_i*w): exclusive prefix (suffix) sums of the rescaled terms. For order 2,
-    a second sum turns sum_{i<t} x_i into sum_{i<t} (t-1-i) x_i, and likewise for the suffix.
+    With centred positions p, causal pairs factorise as exp(-(t-1-i)*w) = exp(-p_{t-1}*w) * exp(p_i*w):
+    the causal part at t is (e_neg * P)[t-1] with P the inclusive prefix sum of e_pos * x; likewise the
+    anti-causal part is (e_pos * S)[t+1] with S the inclusive suffix sum of e_neg * x. For order 2, a
+    second prefix (suffix) sum turns sum_{i<=s} into sum_{i<=s} (s+1-i), read at s = t-2 (t+2), and
+    the rescale gains a factor exp(-w).
     """
     shape = x.shape
     T, C = shape[-2], shape[-1]
-    out = torch.zeros_like(x)
     if order >= T:
-        return out
-    e_pos, e_neg, c_fac, a_fac = _decay_factors(w, T)
+        return torch.zeros_like(x)
+    e_pos, e_neg = _decay_factors(w, T)
     xf = x.reshape(-1, T, C)
     z = torch.empty((2, *xf.shape), dtype=x.dtype, device=x.device)
     torch.mul(xf, e_pos, out=z[0])
     torch.mul(xf, e_neg, out=z[1])
     for _ in range(order):
-        z = _scan_pair(z)
-    # inclusive sums: position t needs prefix[t - order] and suffix[t + order]
-    n = T - order
-    of = out.view(-1, T, C)
-    torch.mul(z[0, :, :n], c_fac[order:], out=of[:, order:])
-    of[:, :n].addcmul_(z[1, :, order:], a_fac[:n])
-    return out
+        z = _scan_pair_(z)
+    pre, suf = z[0], z[1]
+    pre.mul_(e_neg)
+    suf.mul_(e_pos)
+    out = torch.empty_like(xf)
+    o = order
+    if 2 * o < T:
+        torch.add(pre[:, : T - 2 * o], suf[:, 2 * o :], out=out[:, o : T - o])
+        out[:, :o] = suf[:, o : 2 * o]
+        out[:, T - o :] = pre[:, T - 2 * o : T - o]
+    else:
+        out.zero_()
+        out[:, o:] += pre[:, : T - o]
+        out[:, : T - o] += suf[:, o:]
+    if o > 1:
+        out.mul_(torch.exp(-(o - 1) * w))
+    return out.view(shape)
 
 
 class _BiWKVFunction(torch.autograd.Function):

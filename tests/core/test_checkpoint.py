@@ -18,8 +18,9 @@ def _outputs(model, seed=0):
     with torch.no_grad():
         feats = model.encode_image(model.preprocess(x))
         box_logits, box_iou = model.decode(feats, boxes=torch.tensor([[5.0, 8.0, 90.0, 100.0]]))
-        pt_logits, _ = model.decode(feats, point_coords=torch.tensor([[[40.0, 50.0]]]),
-                                    point_labels=torch.tensor([[1]]))
+        pt_logits, _ = model.decode(
+            feats, point_coords=torch.tensor([[[40.0, 50.0]]]), point_labels=torch.tensor([[1]])
+        )
     return feats["embedding"], box_logits, box_iou, pt_logits
 
 
@@ -51,11 +52,11 @@ def _to_authors_layout(model) -> dict:
     out = {}
     for key, value in model.state_dict().items():
         if key.startswith("prompt_encoder."):
-            key = "pe." + key[len("prompt_encoder."):]
+            key = "pe." + key[len("prompt_encoder.") :]
         elif key.startswith("mask_decoder."):
-            key = "mask_decoder.mask_decoder." + key[len("mask_decoder."):]
+            key = "mask_decoder.mask_decoder." + key[len("mask_decoder.") :]
         elif key.startswith("refine."):
-            key = "mask_decoder." + key[len("refine."):]
+            key = "mask_decoder." + key[len("refine.") :]
         if ".spatial_mix_" in key:
             value = value.reshape(1, 1, -1)
         out[key] = value.clone()
@@ -91,14 +92,21 @@ def test_authors_layout_errors_name_keys(tmp_path):
     msg = str(err.value)
     assert "missing keys: backbone.layers.3.attn.key.weight" in msg
     assert "unexpected keys: backbone.pos_embed" in msg
-    assert "mis-shaped keys: neck.out_proj.0.weight: checkpoint (256, 100, 1, 1) vs model (256, 192, 1, 1)" in msg
+    assert (
+        "mis-shaped keys: neck.out_proj.0.weight: checkpoint (256, 100, 1, 1) vs model (256, 192, 1, 1)"
+        in msg
+    )
 
 
 def test_authors_stage1_loads_backbone_and_neck(tmp_path):
     src = _randomise(build_model("rwkvsam_t", device="cpu", image_size=S))
-    sd = {("backbone_student." + k[len("backbone."):]) if k.startswith("backbone.") else
-          ("neck_student." + k[len("neck."):]): v for k, v in src.state_dict().items()
-          if k.startswith(("backbone.", "neck."))}
+    sd = {
+        ("backbone_student." + k[len("backbone.") :])
+        if k.startswith("backbone.")
+        else ("neck_student." + k[len("neck.") :]): v
+        for k, v in src.state_dict().items()
+        if k.startswith(("backbone.", "neck."))
+    }
     sd["backbone_teacher.patch_embed.proj.weight"] = torch.zeros(3)
     torch.save({"state_dict": sd}, tmp_path / "stage1.pth")
     assert load_checkpoint(tmp_path / "stage1.pth").layout == LAYOUT_AUTHORS_STAGE1
@@ -138,4 +146,6 @@ def test_predictor_on_loaded_checkpoint(tmp_path):
     p1, p2 = Predictor(model), Predictor(build_model("rwkvsam_t", checkpoint=path, device="cpu"))
     p1.set_image(img)
     p2.set_image(img)
-    np.testing.assert_array_equal(p1.predict(box=np.array([3, 4, 60, 90]))[2], p2.predict(box=np.array([3, 4, 60, 90]))[2])
+    np.testing.assert_array_equal(
+        p1.predict(box=np.array([3, 4, 60, 90]))[2], p2.predict(box=np.array([3, 4, 60, 90]))[2]
+    )

@@ -28,26 +28,68 @@ def photo(tmp_path_factory):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "rwkvsam_core.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkvsam_core.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_segment_box_and_points(photo, tmp_path):
     out = tmp_path / "mask.png"
-    assert main(["segment", str(photo), "--box", "10", "10", "80", "60", "--image-size", "128", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["segment", str(photo), "--box", "10", "10", "80", "60", "--image-size", "128", "--out", str(out)]
+        )
+        == 0
+    )
     mask = np.asarray(Image.open(out))
     h, w = np.asarray(Image.open(photo)).shape[:2]
     assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
     out2 = tmp_path / "pts.png"
-    assert main(["segment", str(photo), "--point", "30", "30", "--negative", "70", "50", "--image-size", "128",
-                 "--out", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(photo),
+                "--point",
+                "30",
+                "30",
+                "--negative",
+                "70",
+                "50",
+                "--image-size",
+                "128",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     assert out2.is_file()
 
 
 def test_segment_several_boxes(photo, tmp_path):
     out = tmp_path / "labels.png"
-    args = ["segment", str(photo), "--box", "10", "10", "80", "60", "--box", "40", "20", "140", "90",
-            "--image-size", "128", "--out", str(out)]
+    args = [
+        "segment",
+        str(photo),
+        "--box",
+        "10",
+        "10",
+        "80",
+        "60",
+        "--box",
+        "40",
+        "20",
+        "140",
+        "90",
+        "--image-size",
+        "128",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     labels = np.asarray(Image.open(out))
     assert labels.ndim == 2 and set(np.unique(labels)) <= {0, 1, 2}
@@ -65,7 +107,10 @@ def test_segment_several_boxes(photo, tmp_path):
         (["segment", "{photo}", "--point", "-3", "10"], "outside"),
         (["segment", "{photo}", "--box", "1", "1", "5", "5", "--model", "nope"], "unknown model"),
         (["segment", "{photo}"], "at least one"),
-        (["segment", "{photo}", "--box", "1", "1", "5", "5", "--checkpoint", "{missing}"], "checkpoint not found"),
+        (
+            ["segment", "{photo}", "--box", "1", "1", "5", "5", "--checkpoint", "{missing}"],
+            "checkpoint not found",
+        ),
     ],
 )
 def test_bad_input_gives_one_line(photo, tmp_path, args, message):

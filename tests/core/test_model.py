@@ -72,11 +72,21 @@ def test_forward_gradients_and_checkpointing(name):
     # the second call uses mask token 0, the point padding and the no-mask embedding, so that
     # together the two calls reach every parameter
     points_only = {k: prompts[k] for k in ("point_coords", "point_labels")}
-    logits_single, iou_single = model.decode(model.encode_image(x), image_index=index,
-                                             multimask_output=False, **points_only)
-    loss = logits.square().mean() + iou.square().mean() + logits_single.square().mean() + iou_single.square().mean()
+    logits_single, iou_single = model.decode(
+        model.encode_image(x), image_index=index, multimask_output=False, **points_only
+    )
+    loss = (
+        logits.square().mean()
+        + iou.square().mean()
+        + logits_single.square().mean()
+        + iou_single.square().mean()
+    )
     loss.backward()
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    no_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
     assert not no_grad, f"parameters without gradient: {no_grad[:10]}"
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -165,8 +175,14 @@ def test_fancy_init_values():
         r01, r10 = layer_id / 13, 1 - layer_id / 14
         decay = -5 + 8 * (i / (c - 1)) ** (0.7 + 1.3 * r01)
         torch.testing.assert_close(attn.spatial_decay.double(), decay, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(attn.spatial_mix_v.double(), (i / c) ** r10 + 0.3 * r01, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            attn.spatial_mix_v.double(), (i / c) ** r10 + 0.3 * r01, rtol=1e-6, atol=1e-6
+        )
         torch.testing.assert_close(attn.spatial_mix_r.double(), (i / c) ** (0.5 * r10), rtol=1e-6, atol=1e-6)
     first = model.backbone.layers[0].attn.spatial_first
-    assert torch.allclose(first[:3].double(), torch.log(torch.tensor(0.3, dtype=torch.float64)) + torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64))
+    assert torch.allclose(
+        first[:3].double(),
+        torch.log(torch.tensor(0.3, dtype=torch.float64))
+        + torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64),
+    )
     assert torch.equal(model.backbone.layers[3].layer_scale_1, torch.full((c,), 1e-2))

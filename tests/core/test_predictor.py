@@ -56,7 +56,9 @@ def test_predict_torch_matches_predict(predictor, image):
     predictor.set_image(image)
     box = np.array([10, 10, 80, 60])
     masks, scores, low = predictor.predict(box=box)
-    tbox = predictor.transform.apply_boxes_torch(torch.tensor(box[None], dtype=torch.float), predictor.original_size)
+    tbox = predictor.transform.apply_boxes_torch(
+        torch.tensor(box[None], dtype=torch.float), predictor.original_size
+    )
     tm, ts, tl = predictor.predict_torch(None, None, tbox)
     assert np.array_equal(tm[0].numpy(), masks)
     np.testing.assert_allclose(ts[0].numpy(), scores, rtol=1e-6)
