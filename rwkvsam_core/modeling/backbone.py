@@ -139,9 +139,9 @@ class SpatialMix(nn.Module):
         t = x.shape[1]
         xx = q_shift(x, height, width)
         diff = x - xx
-        k = self.key(xx + self.spatial_mix_k * diff)
-        v = self.value(xx + self.spatial_mix_v * diff)
-        r = self.receptance(xx + self.spatial_mix_r * diff)
+        k = self.key(torch.addcmul(xx, diff, self.spatial_mix_k))
+        v = self.value(torch.addcmul(xx, diff, self.spatial_mix_v))
+        r = self.receptance(torch.addcmul(xx, diff, self.spatial_mix_r))
         y = bi_wkv(self.spatial_decay / t, self.spatial_first / t, k, v)
         return self.output(torch.sigmoid(r) * y)
 
@@ -162,8 +162,8 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         xx = q_shift(x, height, width)
         diff = x - xx
-        k = torch.relu(self.key(xx + self.spatial_mix_k * diff)).square()
-        r = self.receptance(xx + self.spatial_mix_r * diff)
+        k = torch.relu(self.key(torch.addcmul(xx, diff, self.spatial_mix_k))).square()
+        r = self.receptance(torch.addcmul(xx, diff, self.spatial_mix_r))
         return torch.sigmoid(r) * self.value(k)
 
 
@@ -230,16 +230,17 @@ class RWKVSAMBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Args: x (B, 3, S, S). Returns (X_hr (B,C1,S/4,S/4), X_mr (B,C2,S/8,S/8), X (B,C3,S/16,S/16))."""
-        x = self._run(self.stem, x)
+        # channels-last: the convolutions and LayerNorm2d run without layout copies
+        x = self._run(self.stem, x.contiguous(memory_format=torch.channels_last))
         x_hr = self._run(self.conv_stages[0], x)
         x_mr = self._run(self.conv_stages[1], x_hr)
         x = self._run(self.conv_final_pool, x_mr)
         b, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # row-major tokens, index h * W + w
         for layer in self.layers:
             tokens = self._run(layer, tokens, h, w)
         tokens = self.final_norm(tokens)
-        x = tokens.transpose(1, 2).reshape(b, c, h, w)
+        x = tokens.view(b, h, w, c).permute(0, 3, 1, 2)
         return x_hr, x_mr, x
 
 

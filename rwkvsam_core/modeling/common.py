@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LayerNorm2d", "MLPBlock"]
@@ -26,12 +27,13 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``x`` of shape ``(B, C, H, W)`` over ``C``."""
-        mean = x.mean(dim=1, keepdim=True)
-        centred = x - mean
-        var = centred.pow(2).mean(dim=1, keepdim=True)
-        normed = centred / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * normed + self.bias[:, None, None]
+        """Normalise ``x`` of shape ``(B, C, H, W)`` over ``C``.
+
+        Same maths as SAM's (biased variance, eps inside the square root), computed by one fused
+        layer_norm over a channels-last view: no extra pass for channels-last inputs.
+        """
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

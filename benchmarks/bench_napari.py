@@ -1,0 +1,354 @@
+"""Benchmark of the napari widget (issue 4): responsiveness during an embedding, prompt-to-preview latency.
+
+Runs a real napari viewer (starts Xvfb when there is no DISPLAY), docks the RWKV-SAM widget from its
+manifest, opens the sample photograph and measures:
+
+* the embedding time and the longest gap between ticks of a 5 ms QTimer on the GUI thread while the
+  embedding runs in the worker (the longest time the GUI thread was blocked, upper bound);
+* the time from a prompt change (a point added, a box added) to the preview layer updated
+  (the widget's ``preview_updated`` signal, emitted after the layer was refreshed);
+* re-opening the same image: time to "ready" when the embedding comes from the disk cache.
+
+Usage: python benchmarks/bench_napari.py [--model rwkvsam_t] [--size 1024] [--repeats 20]
+Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+MANIFEST = ROOT / "napari_plugin" / "napari.yaml"
+
+
+def start_display() -> subprocess.Popen | None:
+    """Start Xvfb and set DISPLAY when no display exists (napari needs OpenGL; 'offscreen' fails)."""
+    if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+        os.environ.pop("QT_QPA_PLATFORM")
+    if os.environ.get("DISPLAY"):
+        return None
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        sys.exit("no DISPLAY and no Xvfb: run scripts/ci_deps_napari.sh")
+    read_fd, write_fd = os.pipe()
+
+    def die_with_parent() -> None:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Xvfb ends with this process
+
+    proc = subprocess.Popen(
+        [xvfb, "-displayfd", str(write_fd), "-screen", "0", "1600x1200x24", "-nolisten", "tcp"],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        os.environ["DISPLAY"] = ":" + pipe.readline().strip()
+    return proc
+
+
+def register_plugin() -> None:
+    """Register the manifest with npe2 unless the package is installed (then its entry point did)."""
+    from npe2 import PluginManager, PluginManifest
+
+    pm = PluginManager.instance()
+    manifest = PluginManifest.from_file(MANIFEST)
+    if manifest.name not in pm:
+        pm.register(manifest)
+
+
+def wait_for(app, predicate, timeout: float) -> None:
+    end = time.perf_counter() + timeout
+    while not predicate():
+        if time.perf_counter() > end:
+            raise TimeoutError("timed out")
+        app.processEvents()
+        time.sleep(0.001)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def summary(values_ms: list[float]) -> str:
+    arr = np.asarray(values_ms)
+    return f"{np.median(arr):.0f} / {np.percentile(arr, 90):.0f} / {arr.max():.0f}" if len(arr) else "n/a"
+
+
+def decoder_only(args: argparse.Namespace) -> None:
+    """The widget's decode path without napari: ``Segmenter.predict`` (decoder + full-size masks).
+
+    Used where napari cannot be installed (e.g. to compare with an idle CPU limited to N threads).
+    """
+    import torch
+
+    from napari_plugin._conversion import PromptBatch
+    from napari_plugin._engine import ModelSpec, Segmenter, compute_features
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = ModelSpec(args.model, device="cpu", image_size=args.size)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    t = time.perf_counter()
+    segmenter = Segmenter(spec)
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    features = compute_features(spec, image, None)
+    embed_s = time.perf_counter() - t
+    one = PromptBatch(np.array([[[300.0, 200.0]]]), np.array([[1]]), np.array([[150.0, 100.0, 450.0, 300.0]]))
+    three = PromptBatch(
+        None, None, np.array([[20.0, 30, 150, 120], [200, 150, 400, 300], [400, 250, 590, 390]])
+    )
+    rows = []
+    for name, batch in (("1 object (box + point)", one), ("3 boxes, one call", three)):
+        segmenter.predict(features, batch)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            segmenter.predict(features, batch)
+            times.append((time.perf_counter() - t) * 1000)
+        rows.append((name, summary(times)))
+    load = os.getloadavg()
+    print(
+        f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu_model()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"load average {load[0]:.1f}"
+    )
+    print(
+        f"model {args.model} (random weights), input {args.size}: build {build_s:.1f} s, "
+        f"embedding {embed_s:.1f} s (400x600 image)"
+    )
+    print("| decode path (Segmenter.predict) | median / p90 / max ms |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="rwkvsam_t")
+    parser.add_argument("--size", type=int, default=1024, help="model input side")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--decoder-only", action="store_true", help="no GUI: time the decode path only")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for --decoder-only")
+    args = parser.parse_args()
+    if args.decoder_only:
+        decoder_only(args)
+        return
+
+    start_display()
+    cache_dir = tempfile.mkdtemp(prefix="rwkvsam-bench-cache-")
+    os.environ["RWKVSAM_CACHE_DIR"] = cache_dir
+    warnings.filterwarnings("ignore", message="RWKV-SAM: no weights")
+
+    import napari
+    import torch
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_plugin import _engine
+
+    register_plugin()
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    app = QApplication.instance()
+    _, widget = viewer.window.add_plugin_dock_widget("rwkvsam", "RWKV-SAM")
+    widget.model_combo.setCurrentText(args.model)
+    widget.size_combo.setCurrentText(str(args.size))
+    widget.device_combo.setCurrentText("cpu")
+
+    # the model is built once (not part of the embedding timing)
+    t = time.perf_counter()
+    _engine.load_model(widget._model_spec())
+    build_s = time.perf_counter() - t
+
+    # napari's first layer is slow to add (imports, unit registry): warm it up outside the timings
+    viewer.add_image(np.zeros((8, 8), dtype=np.uint8), name="warm-up")
+    app.processEvents()
+    viewer.layers.remove("warm-up")
+    app.processEvents()
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(5)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+
+    # ---- idle baseline of the same probe: what this machine's load alone does to a 5 ms timer
+    tb = time.perf_counter()
+    ticks.clear()
+    wait_for(app, lambda: time.perf_counter() - tb > 5.0, 30)
+    idle_gaps = np.diff([tb, *ticks]) * 1000
+
+    # ---- embedding: GUI-thread responsiveness while the worker computes it
+    tc = time.perf_counter()
+    viewer.open_sample("rwkvsam", "coffee")  # GUI work: the image layer + the widget's 3 layers
+    t0 = time.perf_counter()
+    open_ms = (t0 - tc) * 1000
+    if not widget.is_embedding:
+        sys.exit("the embedding did not start")
+    ticks.clear()
+    wait_for(app, lambda: not widget.is_embedding, 1800)
+    t1 = time.perf_counter()
+    timer.stop()
+    embed_s = t1 - t0
+    gaps = np.diff([t0, *ticks, t1]) * 1000
+    longest_gap = float(gaps.max())
+    gap_p99 = float(np.percentile(gaps, 99))
+    # the first gap is napari's first redraw of the layers just added (GL programs, textures, layer
+    # list icons): GUI work of opening an image, measured again below without any embedding
+    first_redraw = float(gaps[0])
+    longest_after = float(gaps[1:].max()) if len(gaps) > 1 else float("nan")
+    wait_for(app, lambda: widget.is_ready, 60)
+
+    # reference: the first redraw after opening an image with no embedding at all
+    widget.auto_embed_check.setChecked(False)
+    timer.start()
+    viewer.add_image(np.zeros((8, 8), dtype=np.uint8), name="probe")  # not selected by the widget
+    viewer.open_sample("rwkvsam", "coffee")
+    tr = time.perf_counter()
+    ticks.clear()
+    wait_for(app, lambda: len(ticks) >= 1, 30)
+    timer.stop()
+    redraw_ref = (ticks[0] - tr) * 1000
+    viewer.layers.remove("probe")
+    viewer.layers.remove(viewer.layers[-1])  # the second coffee layer
+    widget.auto_embed_check.setChecked(True)
+    app.processEvents()
+
+    # ---- prompt change -> preview updated
+    rng = np.random.default_rng(0)
+    h, w = viewer.layers["coffee"].data.shape[:2]
+    updated = []
+    widget.preview_updated.connect(lambda: updated.append(time.perf_counter()))
+    decode_ms: list[float] = []
+    original_predict = widget._segmenter.predict
+
+    def timed_predict(*a, **k):
+        s = time.perf_counter()
+        out = original_predict(*a, **k)
+        decode_ms.append((time.perf_counter() - s) * 1000)
+        return out
+
+    widget._segmenter.predict = timed_predict
+
+    def measure(change) -> float:
+        updated.clear()
+        start = time.perf_counter()
+        change()
+        wait_for(app, lambda: bool(updated), 60)
+        return (updated[0] - start) * 1000
+
+    point_ms, box_ms, boxes3_ms = [], [], []
+    for _ in range(args.repeats):
+        widget.clear()
+        app.processEvents()
+        y, x = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+        point_ms.append(measure(lambda y=y, x=x: widget.points_layer.add([y, x])))
+    for _ in range(args.repeats):
+        widget.clear()
+        app.processEvents()
+        r0, c0 = rng.uniform(0, 0.5) * h, rng.uniform(0, 0.5) * w
+        box_ms.append(
+            measure(
+                lambda r0=r0, c0=c0: widget.boxes_layer.add_rectangles(
+                    np.array([[r0, c0], [r0 + h / 3, c0 + w / 3]])
+                )
+            )
+        )
+    decode_single = list(decode_ms)
+    decode_ms.clear()
+    for _ in range(max(3, args.repeats // 4)):
+        widget.clear()
+        app.processEvents()
+        rects = [np.array([[r, c], [r + 80, c + 120]]) for r, c in ((20, 30), (150, 200), (260, 400))]
+        boxes3_ms.append(measure(lambda rects=rects: widget.boxes_layer.add_rectangles(rects)))
+    decode_three = list(decode_ms)
+    widget.clear()
+
+    # ---- re-open the same image: embedding from the disk cache (fresh cache object, widget copy dropped)
+    _engine._CACHE = None
+    widget._features.clear()
+    viewer.layers.remove("coffee")
+    app.processEvents()
+    t2 = time.perf_counter()
+    viewer.open_sample("rwkvsam", "coffee")
+    wait_for(app, lambda: widget.is_ready, 600)
+    reopen_ms = (time.perf_counter() - t2) * 1000
+    disk_hits = _engine.embedding_cache().disk_hits
+
+    load = os.getloadavg()
+    print(f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), napari {napari.__version__}, Qt platform xcb on Xvfb"
+    )
+    print(f"load average during the run (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    print(
+        f"model: {args.model} (random weights), input {args.size}, image 400x600 RGB (sample), "
+        f"model build {build_s:.1f} s (once, not counted below)"
+    )
+    print()
+    print("| measurement | value | target |")
+    print("|---|---|---|")
+    print(f"| embedding, worker thread | {embed_s:.1f} s | - |")
+    print(
+        f"| longest GUI-thread block during the embedding (5 ms timer gap) | {longest_gap:.0f} ms "
+        f"(p99 {gap_p99:.0f} ms, {len(gaps)} gaps) | <= 100 ms |"
+    )
+    print(
+        f"| ... of which the first redraw after opening the image / longest gap after it | "
+        f"{first_redraw:.0f} / {longest_after:.0f} ms | - |"
+    )
+    print(f"| first redraw after opening the image, no embedding (reference) | {redraw_ref:.0f} ms | - |")
+    print(
+        f"| same probe with the GUI idle, no embedding (machine-load baseline) | {idle_gaps.max():.0f} ms "
+        f"(p99 {np.percentile(idle_gaps, 99):.0f} ms) | - |"
+    )
+    print(
+        f"| opening the image (napari adds it + the widget's 3 layers, GUI thread) | {open_ms:.0f} ms | - |"
+    )
+    print(f"| point added -> preview updated, median / p90 / max | {summary(point_ms)} ms | <= 200 ms |")
+    print(f"| box added -> preview updated, median / p90 / max | {summary(box_ms)} ms | <= 200 ms |")
+    print(f"| 3 boxes added -> preview updated (one batched decoder pass) | {summary(boxes3_ms)} ms | - |")
+    print(
+        f"| of which decoder + mask upsampling (1 object / 3 objects), median | "
+        f"{statistics.median(decode_single):.0f} / {statistics.median(decode_three):.0f} ms | - |"
+    )
+    print(
+        f"| re-open the same image, ready from the disk cache | {reopen_ms:.0f} ms (disk hits: {disk_hits}) | "
+        "instant |"
+    )
+
+    widget.shutdown()
+    viewer.close()
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+// PyTorch glue of the Bi-WKV CUDA kernels: argument checks, allocation, dtype dispatch. The
+// functions are exposed through pybind11; rwkvsam_core/ops/cuda_ext.py defines the custom ops
+//   rwkvsam::bi_wkv(Tensor w, Tensor u, Tensor k, Tensor v) -> Tensor
+//   rwkvsam::bi_wkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor grad_y)
+//       -> (Tensor dw, Tensor du, Tensor dk, Tensor dv)
+// on top of them (validating arguments in Python first), with fake implementations and autograd.
+// Everything runs on the current CUDA stream, allocates through PyTorch's caching allocator and
+// never synchronises, so the ops can be captured in CUDA graphs.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "bi_wkv.h"
+
+namespace rwkvsam {
+namespace {
+
+void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k.dim() == 3, "bi_wkv: k must have shape (B, T, C), got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "bi_wkv: v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), "bi_wkv: v must have k's dtype ", k.scalar_type(), ", got ",
+              v.scalar_type());
+  const auto st = k.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "bi_wkv CUDA kernel: k and v must be float32, float16 or bfloat16, got ", st);
+  const int64_t C = k.size(2);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == C && u.dim() == 1 && u.size(0) == C,
+              "bi_wkv: w and u must have shape (C,) = (", C, ",), got w ", w.sizes(), " and u ", u.sizes());
+  TORCH_CHECK(w.is_floating_point() && u.is_floating_point(), "bi_wkv: w and u must be floating point");
+  TORCH_CHECK(k.is_cuda() && v.is_cuda() && w.is_cuda() && u.is_cuda(),
+              "bi_wkv CUDA kernel: all inputs must be CUDA tensors");
+  TORCH_CHECK(w.device() == k.device() && u.device() == k.device() && v.device() == k.device(),
+              "bi_wkv: all inputs must be on one device");
+  TORCH_CHECK(k.size(0) <= 65535, "bi_wkv CUDA kernel: batch size above 65535 is not supported, got ", k.size(0));
+  TORCH_CHECK(((k.size(1) + kChunk - 1) / kChunk) * C < (int64_t{1} << 31),
+              "bi_wkv CUDA kernel: T * C / ", kChunk, " must stay below 2^31, got T=", k.size(1), " C=", C);
+}
+
+int64_t num_chunks(int64_t T) { return (T + kChunk - 1) / kChunk; }
+
+template <typename F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(static_cast<float*>(nullptr));
+      break;
+    case at::kHalf:
+      f(static_cast<__half*>(nullptr));
+      break;
+    case at::kBFloat16:
+      f(static_cast<__nv_bfloat16*>(nullptr));
+      break;
+    default:
+      TORCH_CHECK(false, "bi_wkv: unsupported dtype ", st);
+  }
+}
+
+// y (k's dtype, or float32 with lse when with_lse) and lse (float32, or undefined).
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_in, const at::Tensor& u_in,
+                                                const at::Tensor& k_in, const at::Tensor& v_in, bool with_lse) {
+  check_inputs(w_in, u_in, k_in, v_in);
+  const c10::cuda::CUDAGuard guard(k_in.device());
+  const auto k = k_in.contiguous();
+  const auto v = v_in.contiguous();
+  const auto w = w_in.to(at::kFloat).contiguous();
+  const auto u = u_in.to(at::kFloat).contiguous();
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  auto y = at::empty(k.sizes(), k.options().dtype(with_lse ? at::kFloat : k.scalar_type()));
+  at::Tensor lse;
+  if (with_lse) lse = at::empty(k.sizes(), k.options().dtype(at::kFloat));
+  if (k.numel() == 0) return {y, lse};
+  const int64_t nch = num_chunks(T);
+  auto scratch = at::empty({2, 2 * 3 * B * nch * C}, k.options().dtype(at::kFloat));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_dtype(k.scalar_type(), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    launch_forward<scalar_t>(reinterpret_cast<const scalar_t*>(k.data_ptr()),
+                             reinterpret_cast<const scalar_t*>(v.data_ptr()), w.data_ptr<float>(),
+                             u.data_ptr<float>(), y.data_ptr(), with_lse ? lse.data_ptr<float>() : nullptr,
+                             scratch[0].data_ptr<float>(), scratch[1].data_ptr<float>(), static_cast<int>(B),
+                             static_cast<int>(T), static_cast<int>(C), with_lse, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, lse};
+}
+
+at::Tensor bi_wkv_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
+  return std::get<0>(forward_impl(w, u, k, v, false));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward_cuda(const at::Tensor& w_in,
+                                                                                const at::Tensor& u_in,
+                                                                                const at::Tensor& k_in,
+                                                                                const at::Tensor& v_in,
+                                                                                const at::Tensor& g_in) {
+  check_inputs(w_in, u_in, k_in, v_in);
+  TORCH_CHECK(g_in.sizes() == k_in.sizes(), "bi_wkv_backward: grad_y must have k's shape ", k_in.sizes(),
+              ", got ", g_in.sizes());
+  TORCH_CHECK(g_in.device() == k_in.device(), "bi_wkv_backward: grad_y must be on k's device");
+  const c10::cuda::CUDAGuard guard(k_in.device());
+  const auto k = k_in.contiguous();
+  const auto v = v_in.contiguous();
+  const auto g = g_in.to(k.scalar_type()).contiguous();
+  const auto w = w_in.to(at::kFloat).contiguous();
+  const auto u = u_in.to(at::kFloat).contiguous();
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(k.sizes(), k.options());
+  if (k.numel() == 0) {
+    return {at::zeros_like(w_in), at::zeros_like(u_in), dk, dv};
+  }
+  auto fw = forward_impl(w, u, k, v, true);
+  const auto& yf = std::get<0>(fw);
+  const auto& lse = std::get<1>(fw);
+  const int64_t nch = num_chunks(T);
+  auto scratch = at::empty({2, 2 * 5 * B * nch * C}, k.options().dtype(at::kFloat));
+  auto partial = at::empty({2, B * nch, C}, k.options().dtype(at::kFloat));
+  auto dw = at::empty({C}, k.options().dtype(at::kFloat));
+  auto du = at::empty({C}, k.options().dtype(at::kFloat));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_dtype(k.scalar_type(), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    launch_backward<scalar_t>(
+        reinterpret_cast<const scalar_t*>(k.data_ptr()), reinterpret_cast<const scalar_t*>(v.data_ptr()),
+        reinterpret_cast<const scalar_t*>(g.data_ptr()), yf.data_ptr<float>(), lse.data_ptr<float>(),
+        w.data_ptr<float>(), u.data_ptr<float>(), scratch[0].data_ptr<float>(), scratch[1].data_ptr<float>(),
+        reinterpret_cast<scalar_t*>(dk.data_ptr()), reinterpret_cast<scalar_t*>(dv.data_ptr()),
+        partial[0].data_ptr<float>(), partial[1].data_ptr<float>(), dw.data_ptr<float>(), du.data_ptr<float>(),
+        static_cast<int>(B),
+        static_cast<int>(T),
+        static_cast<int>(C), stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // dw, du: fixed-order reduction of the partials over (batch, chunk), deterministic run to run
+  return {dw.to(w_in.scalar_type()), du.to(u_in.scalar_type()), dk, dv};
+}
+
+}  // namespace
+}  // namespace rwkvsam
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Bi-WKV CUDA kernels (the torch.ops.rwkvsam.bi_wkv op is defined in rwkvsam_core/ops/cuda_ext.py)";
+  m.attr("chunk") = rwkvsam::kChunk;
+  m.def("forward", &rwkvsam::bi_wkv_cuda, "y = Bi-WKV(w, u, k, v), y in k's dtype");
+  m.def("backward", &rwkvsam::bi_wkv_backward_cuda, "(dw, du, dk, dv) for grad_y");
+  m.def(
+      "forward_with_lse",
+      [](const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
+        return rwkvsam::forward_impl(w, u, k, v, true);
+      },
+      "(y float32, lse2 float32): forward in float32 with log2 of every denominator");
+}

@@ -1,0 +1,27 @@
+// Launchers of the Bi-WKV CUDA kernels (bi_wkv_kernels.cu); the op glue lives in bi_wkv.cpp.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace rwkvsam {
+
+// Tokens per chunk: one thread handles kChunk consecutive tokens of one (batch, channel).
+constexpr int kChunk = 16;
+
+// y: (B, T, C) in scalar_t, or float32 together with lse (log2 of every denominator) when
+// fp32_out_with_lse. summ, carry: float32 scratch of 2 * 3 * B * ceil(T / kChunk) * C elements each.
+template <typename scalar_t>
+void launch_forward(const scalar_t* k, const scalar_t* v, const float* w, const float* u, void* y, float* lse,
+                    float* summ, float* carry, int B, int T, int C, bool fp32_out_with_lse, cudaStream_t stream);
+
+// yf, lse: outputs of launch_forward with fp32_out_with_lse. summ, carry: float32 scratch of
+// 2 * 5 * B * ceil(T / kChunk) * C elements each. dwp, dup: the two consecutive planes of a
+// (2, B * ceil(T / kChunk), C) buffer of partial sums; dw, du: (C,) float32 outputs.
+template <typename scalar_t>
+void launch_backward(const scalar_t* k, const scalar_t* v, const scalar_t* g, const float* yf, const float* lse,
+                     const float* w, const float* u, float* summ, float* carry, scalar_t* dk, scalar_t* dv,
+                     float* dwp, float* dup, float* dw, float* du, int B, int T, int C, cudaStream_t stream);
+
+}  // namespace rwkvsam

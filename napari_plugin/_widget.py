@@ -1,0 +1,1065 @@
+"""The "RWKV-SAM" dock widget.
+
+The widget is thin: prompts are read from napari's own Points / Shapes layers and turned into SAM
+prompts by the pure functions of :mod:`napari_plugin._conversion`; embeddings are computed by a
+worker thread (:mod:`napari_plugin._engine`, imported lazily so torch is not imported with this
+module); the decoder runs on the GUI thread (tens of milliseconds) so the preview follows the prompts.
+
+Layers it manages (created on demand, shaped like the image's spatial axes, same scale/translate):
+
+* ``RWKV-SAM points``: click = positive point (green), Shift-click or "next point negative" = negative
+  (red);
+* ``RWKV-SAM boxes``: rectangles, one object per rectangle;
+* ``RWKV-SAM preview``: the current prediction;
+* ``committed``: committed objects, one new label id each.
+
+Keys (on the viewer): Shift-S embed, Shift-C commit, Shift-X clear, Shift-U undo, Shift-M next mask,
+Shift-N toggle negative points, Shift-B segment all boxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels, Points, Shapes
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._conversion import (
+    CommitRecord,
+    PromptBatch,
+    PromptError,
+    Prompts,
+    SliceIndex,
+    clip_masks_to_boxes,
+    commit_masks,
+    current_slice,
+    extract_slice,
+    group_prompts,
+    masks_to_label_image,
+    points_to_prompts,
+    select_masks,
+    shapes_to_boxes,
+    spatial_shape,
+    undo_commit,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+logger = logging.getLogger(__name__)
+
+POINTS_NAME = "RWKV-SAM points"
+BOXES_NAME = "RWKV-SAM boxes"
+PREVIEW_NAME = "RWKV-SAM preview"
+COMMITTED_NAME = "committed"
+POSITIVE_COLOR = "lime"
+PREVIEW_COLOR = "cyan"
+NEGATIVE_COLOR = "red"
+MODEL_NAMES_FALLBACK = ("rwkvsam_t", "rwkvsam_s", "rwkvsam_b", "sam_vit_b", "sam_vit_l", "sam_vit_h")
+INPUT_SIZES = ("model default", "1024", "512", "256")
+KEYS = {
+    "embed": "Shift-S",
+    "commit": "Shift-C",
+    "clear": "Shift-X",
+    "undo": "Shift-U",
+    "next_mask": "Shift-M",
+    "toggle_negative": "Shift-N",
+    "segment_all_boxes": "Shift-B",
+}
+
+
+def _guarded(func):
+    """Turn exceptions of a user action into a napari notification (never a traceback dialog)."""
+
+    @functools.wraps(func)
+    def wrapper(self: RWKVSAMWidget, *args: Any, **kwargs: Any):
+        try:
+            return func(self, *args, **kwargs)
+        except PromptError as err:
+            self._warn(str(err))
+        except Exception as err:  # a GUI action must never crash the viewer
+            logger.exception("RWKV-SAM: %s failed", func.__name__)
+            self._set_status(f"error: {err}")
+            show_error(f"RWKV-SAM: {func.__name__.strip('_')} failed: {type(err).__name__}: {err}")
+        return None
+
+    return wrapper
+
+
+@dataclass
+class _Prediction:
+    """The last decoder output for the current slice."""
+
+    slice_index: SliceIndex
+    batch: PromptBatch
+    masks: np.ndarray  # (N, K, H, W) bool
+    scores: np.ndarray  # (N, K)
+    signature: tuple = ()
+
+
+@dataclass(frozen=True)
+class _EmbedKey:
+    spec: Any  # _engine.ModelSpec
+    layer_id: int
+    slice_index: SliceIndex
+    data_version: int
+    contrast_version: int
+
+
+class RWKVSAMWidget(QWidget):
+    """Dock widget: click or box an object, preview its mask live, commit it as a label.
+
+    Args:
+        napari_viewer: the viewer to dock into (injected by napari).
+    """
+
+    preview_updated = Signal()
+    embedding_ready = Signal()
+    committed = Signal(list)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._image_layer: Image | None = None
+        self._points: Points | None = None
+        self._boxes: Shapes | None = None
+        self._preview: Labels | None = None
+        self._committed: Labels | None = None
+        self._data_versions: dict[int, int] = {}
+        self._contrast_version = 0
+        self._features: OrderedDict[_EmbedKey, Any] = OrderedDict()
+        self._active_key: _EmbedKey | None = None
+        self._segmenter = None
+        self._active_features = None
+        self._decoder = None  # the running preview-decode worker
+        self._decode_dirty = False
+        self._worker = None
+        self._worker_key: _EmbedKey | None = None
+        self._pending_key: _EmbedKey | None = None
+        self._failed_key: _EmbedKey | None = None
+        self._worker_started = 0.0
+        self._prediction: _Prediction | None = None
+        self._choice: int | None = None
+        self._preview_slice: SliceIndex | None = None
+        self._undo: list[tuple[Labels, CommitRecord]] = []
+        self._last_note = ""
+        self._closed = False
+
+        self._build_ui()
+        self._preview_timer = QTimer(self)
+        self._preview_timer.setSingleShot(True)
+        self._preview_timer.setInterval(10)
+        self._preview_timer.timeout.connect(self._update_preview)
+        self._elapsed_timer = QTimer(self)
+        self._elapsed_timer.setInterval(200)
+        self._elapsed_timer.timeout.connect(self._show_elapsed)
+
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.connect(self._on_dims_changed)
+        self._bind_keys()
+        self._refresh_image_choices()
+
+    # ------------------------------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        try:
+            from rwkvsam_core import DEFAULT_MODEL, MODEL_NAMES
+        except Exception as err:  # the widget still opens and says why it cannot segment
+            logger.warning("rwkvsam_core unavailable: %s", err)
+            DEFAULT_MODEL, MODEL_NAMES = MODEL_NAMES_FALLBACK[0], MODEL_NAMES_FALLBACK
+
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        form.addRow("image", self.image_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.addItems(list(MODEL_NAMES))
+        self.model_combo.setCurrentText(DEFAULT_MODEL)
+        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        form.addRow("model", self.model_combo)
+        ckpt_row = QHBoxLayout()
+        self.checkpoint_edit = QLineEdit()
+        self.checkpoint_edit.setPlaceholderText("shipped weights (or a checkpoint file)")
+        self.checkpoint_edit.editingFinished.connect(self._on_model_changed)
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.setToolTip("choose a checkpoint: ours (.safetensors), official SAM (.pth) or the authors'")
+        browse.clicked.connect(self._browse_checkpoint)
+        ckpt_row.addWidget(self.checkpoint_edit)
+        ckpt_row.addWidget(browse)
+        form.addRow("checkpoint", ckpt_row)
+        self.size_combo = QComboBox()
+        self.size_combo.addItems(list(INPUT_SIZES))
+        self.size_combo.setToolTip("model input side; smaller is faster and coarser")
+        self.size_combo.currentIndexChanged.connect(self._on_model_changed)
+        form.addRow("input size", self.size_combo)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.currentIndexChanged.connect(self._on_model_changed)
+        form.addRow("device", self.device_combo)
+        layout.addLayout(form)
+
+        self.auto_embed_check = QCheckBox("embed automatically")
+        self.auto_embed_check.setChecked(True)
+        self.auto_embed_check.setToolTip("compute the embedding as soon as an image or slice is shown")
+        self.clip_check = QCheckBox("clip mask to box")
+        self.clip_check.setChecked(True)
+        self.clip_check.setToolTip(
+            "an object prompted by a box lies inside its box: drop mask pixels outside it"
+        )
+        self.clip_check.toggled.connect(self._render_prediction)
+        self.multimask_check = QCheckBox("multimask candidates")
+        self.multimask_check.setChecked(True)
+        self.multimask_check.toggled.connect(self._schedule_preview)
+        self.overwrite_check = QCheckBox("overwrite existing labels")
+        self.overwrite_check.setToolTip("when off, a commit only fills unlabelled pixels")
+        self.negative_check = QCheckBox(f"next point negative ({KEYS['toggle_negative']}; or Shift-click)")
+        for box in (
+            self.auto_embed_check,
+            self.clip_check,
+            self.multimask_check,
+            self.overwrite_check,
+            self.negative_check,
+        ):
+            layout.addWidget(box)
+
+        grid = QGridLayout()
+        self.buttons: dict[str, QPushButton] = {}
+        entries = [
+            ("embed", "Embed", self.embed),
+            ("next_mask", "Next mask", self.next_mask),
+            ("commit", "Commit", self.commit),
+            ("clear", "Clear", self.clear),
+            ("undo", "Undo", self.undo),
+            ("segment_all_boxes", "Segment all boxes", self.segment_all_boxes),
+        ]
+        for i, (key, text, slot) in enumerate(entries):
+            button = QPushButton(f"{text} ({KEYS[key]})")
+            button.clicked.connect(lambda _checked=False, s=slot: s())
+            grid.addWidget(button, i // 2, i % 2)
+            self.buttons[key] = button
+        layout.addLayout(grid)
+
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(False)
+        self.progress.setMaximumHeight(8)
+        layout.addWidget(self.progress)
+        self.status_label = QLabel("choose an image layer")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+        self.scores_label = QLabel("")
+        self.scores_label.setWordWrap(True)
+        layout.addWidget(self.scores_label)
+        layout.addStretch(1)
+
+    def _browse_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "RWKV-SAM checkpoint", "", "Checkpoints (*.safetensors *.pth *.pt *.bin);;All files (*)"
+        )
+        if path:
+            self.checkpoint_edit.setText(path)
+            self._on_model_changed()
+
+    def _bind_keys(self) -> None:
+        actions = {
+            "embed": self.embed,
+            "commit": self.commit,
+            "clear": self.clear,
+            "undo": self.undo,
+            "next_mask": self.next_mask,
+            "toggle_negative": self.toggle_negative,
+            "segment_all_boxes": self.segment_all_boxes,
+        }
+        for name, action in actions.items():
+            self.viewer.bind_key(KEYS[name], lambda _viewer, a=action: a(), overwrite=True)
+
+    def _unbind_keys(self) -> None:
+        for key in KEYS.values():
+            self.viewer.bind_key(key, None)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.shutdown()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Disconnect from the viewer and stop background work (called when the widget closes)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._preview_timer.stop()
+        self._elapsed_timer.stop()
+        self._pending_key = None
+        if self._worker is not None:
+            self._worker.quit()
+        for emitter, slot in (
+            (self.viewer.layers.events.inserted, self._on_layers_changed),
+            (self.viewer.layers.events.removed, self._on_layers_changed),
+            (self.viewer.dims.events.current_step, self._on_dims_changed),
+        ):
+            emitter.disconnect(slot)
+        self._unbind_keys()
+
+    # ------------------------------------------------------------------------------ notifications
+    def _set_status(self, text: str) -> None:
+        self.status_label.setText(text)
+
+    def _warn(self, text: str) -> None:
+        self._set_status(text)
+        show_warning(f"RWKV-SAM: {text}")
+
+    def _note(self, notes: list[str]) -> None:
+        """Show prompt notes in the status line; notify once per new note."""
+        text = "; ".join(notes)
+        if text and text != self._last_note:
+            show_info(f"RWKV-SAM: {text}")
+        self._last_note = text
+
+    # ------------------------------------------------------------------------------------- layers
+    @property
+    def image_layer(self) -> Image | None:
+        return self._image_layer
+
+    @property
+    def points_layer(self) -> Points | None:
+        return self._points
+
+    @property
+    def boxes_layer(self) -> Shapes | None:
+        return self._boxes
+
+    @property
+    def preview_layer(self) -> Labels | None:
+        return self._preview
+
+    @property
+    def committed_layer(self) -> Labels | None:
+        return self._committed
+
+    def _managed(self) -> tuple:
+        return (self._points, self._boxes, self._preview, self._committed)
+
+    def _refresh_image_choices(self) -> None:
+        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        current = self._image_layer if self._image_layer in images else None
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        for layer in images:
+            self.image_combo.addItem(layer.name, id(layer))
+            layer.events.name.connect(self._on_layer_renamed)  # connecting twice is a no-op
+        self._image_choices = images
+        if current is None and images:
+            current = images[0]
+        if current is not None:
+            self.image_combo.setCurrentIndex(images.index(current))
+        self.image_combo.blockSignals(False)
+        if current is not self._image_layer:
+            self._set_image_layer(current)
+
+    def _on_layers_changed(self, event=None) -> None:
+        for attr in ("_points", "_boxes", "_preview", "_committed"):
+            layer = getattr(self, attr)
+            if layer is not None and layer not in self.viewer.layers:
+                setattr(self, attr, None)
+                if attr == "_preview":
+                    self._preview_slice = None
+        self._refresh_image_choices()
+
+    def _on_layer_renamed(self, event=None) -> None:
+        for i, layer in enumerate(self._image_choices):
+            if i < self.image_combo.count():
+                self.image_combo.setItemText(i, layer.name)
+
+    @_guarded
+    def _on_image_changed(self, index: int) -> None:
+        layer = self._image_choices[index] if 0 <= index < len(self._image_choices) else None
+        self._set_image_layer(layer)
+
+    def _set_image_layer(self, layer: Image | None) -> None:
+        old = self._image_layer
+        if old is layer:
+            return
+        if old is not None:
+            old.events.data.disconnect(self._on_image_data)
+        self._image_layer = layer
+        self._prediction = None
+        if layer is None:
+            self._set_status("no image layer: open or add an image")
+            self._request_embedding()
+            return
+        layer.events.data.connect(self._on_image_data)
+        self._ensure_prompt_layers()
+        self._set_status(f"image: {layer.name}")
+        if self.auto_embed_check.isChecked():
+            self._request_embedding()
+        self._schedule_preview()
+
+    def _spatial(self, layer: Image) -> tuple[int, ...]:
+        data = layer.data[0] if layer.multiscale else layer.data
+        return spatial_shape(data.shape, layer.rgb)
+
+    def _ensure_prompt_layers(self) -> None:
+        """Create (or re-create, when the image's dimensionality changed) the prompt and preview layers."""
+        layer = self._image_layer
+        if layer is None:
+            return
+        shape = self._spatial(layer)
+        ndim = len(shape)
+        geom = {"scale": layer.scale[-ndim:], "translate": layer.translate[-ndim:]}
+        active = self.viewer.layers.selection.active
+        if self._preview is not None and self._preview.data.shape != shape:
+            self.viewer.layers.remove(self._preview)
+            self._preview = None
+        for attr in ("_points", "_boxes"):
+            existing = getattr(self, attr)
+            if existing is not None and existing.ndim != ndim:
+                self.viewer.layers.remove(existing)
+                setattr(self, attr, None)
+        if self._preview is None:
+            from napari.utils.colormaps import DirectLabelColormap
+
+            self._preview = self.viewer.add_labels(
+                np.zeros(shape, dtype=np.uint8), name=PREVIEW_NAME, opacity=0.6, **geom
+            )
+            # one bright colour for every previewed object: never confused with committed labels
+            self._preview.colormap = DirectLabelColormap(color_dict={None: PREVIEW_COLOR, 0: "transparent"})
+            self._preview_slice = None
+        if self._boxes is None:
+            self._boxes = self.viewer.add_shapes(
+                ndim=ndim,
+                name=BOXES_NAME,
+                edge_color="yellow",
+                face_color="transparent",
+                edge_width=2,
+                **geom,
+            )
+            self._boxes.events.data.connect(self._on_prompts_changed)
+        if self._points is None:
+            with warnings.catch_warnings():  # the 0/1 'label' feature is categorical on purpose
+                warnings.filterwarnings("ignore", message="Feature 'label' looks like categorical")
+                self._points = self.viewer.add_points(
+                    np.zeros((0, ndim)),
+                    ndim=ndim,
+                    name=POINTS_NAME,
+                    features={"label": np.zeros(0, dtype=np.int64)},
+                    feature_defaults={"label": 1},
+                    face_color="label",
+                    face_color_cycle={1: POSITIVE_COLOR, 0: NEGATIVE_COLOR},
+                    border_color="white",
+                    size=max(3.0, 0.012 * max(shape[-2:])),
+                    **geom,
+                )
+            self._points.events.data.connect(self._on_prompts_changed)
+            self._points.mouse_drag_callbacks.insert(0, self._on_points_press)
+            self._points.mode = "add"
+        if active is not None and active in self.viewer.layers and active not in self._managed():
+            self.viewer.layers.selection.active = self._points
+
+    def _ensure_committed(self, shape: tuple[int, ...]) -> Labels:
+        layer = self._committed
+        if layer is not None and layer in self.viewer.layers and layer.data.shape == shape:
+            return layer
+        for candidate in self.viewer.layers:
+            if (
+                isinstance(candidate, Labels)
+                and candidate.name == COMMITTED_NAME
+                and candidate.data.shape == shape
+            ):
+                self._committed = candidate
+                return candidate
+        image = self._image_layer
+        ndim = len(shape)
+        self._committed = self.viewer.add_labels(
+            np.zeros(shape, dtype=np.int32),
+            name=COMMITTED_NAME,
+            opacity=0.6,
+            scale=image.scale[-ndim:],
+            translate=image.translate[-ndim:],
+        )
+        # keep the prompt layers on top so clicks keep landing on them
+        for layer in (self._preview, self._boxes, self._points):
+            if layer is not None and layer in self.viewer.layers:
+                self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+        return self._committed
+
+    def _on_points_press(self, layer: Points, event) -> None:
+        """Before napari adds a point: choose its label from Shift / the negative toggle."""
+        if layer.mode != "add":
+            return
+        negative = self.negative_check.isChecked() != ("Shift" in event.modifiers)
+        layer.selected_data = set()
+        layer.feature_defaults = {"label": 0 if negative else 1}
+
+    # ----------------------------------------------------------------------------------- embedding
+    def _model_spec(self):
+        from ._engine import ModelSpec
+
+        size_text = self.size_combo.currentText()
+        return ModelSpec(
+            name=self.model_combo.currentText(),
+            checkpoint=self.checkpoint_edit.text().strip(),
+            device=self.device_combo.currentText(),
+            image_size=None if size_text == INPUT_SIZES[0] else int(size_text),
+        )
+
+    def _current_slice(self) -> SliceIndex:
+        layer = self._image_layer
+        shape = self._spatial(layer)
+        if len(shape) == 2:
+            return ()
+        if self.viewer.dims.ndisplay != 2:
+            raise PromptError("switch the viewer to 2-D display to segment a slice")
+        order = tuple(self.viewer.dims.order)
+        if tuple(sorted(order[-2:])) != tuple(sorted(range(len(order))[-2:])):
+            raise PromptError("RWKV-SAM segments the last two axes: reset transposed/rolled dims first")
+        point = layer.world_to_data(self.viewer.dims.point)
+        return current_slice(point, shape)
+
+    def _desired_key(self) -> _EmbedKey | None:
+        layer = self._image_layer
+        if layer is None or layer not in self.viewer.layers:
+            return None
+        return _EmbedKey(
+            self._model_spec(),
+            id(layer),
+            self._current_slice(),
+            self._data_versions.get(id(layer), 0),
+            self._contrast_version,
+        )
+
+    @_guarded
+    def embed(self) -> None:
+        """Compute (again) the embedding of the current slice with the layer's current contrast limits."""
+        if self._image_layer is None:
+            raise PromptError("no image layer: open or add an image first")
+        self._contrast_version += 1
+        self._request_embedding(force=True)
+
+    @_guarded
+    def _request_embedding(self, force: bool = False) -> None:
+        """Make sure the features of the current slice are (being) computed; cancel stale work."""
+        key = self._desired_key()
+        if key is None:
+            self._activate(None)
+            return
+        if key in self._features:
+            self._features.move_to_end(key)
+            self._activate(key)
+            return
+        self._activate(None)
+        if key == self._failed_key and not force:
+            return  # it failed already: retried only by the Embed action or a change of settings
+        if self._worker is not None:
+            if self._worker_key == key:
+                return
+            self._pending_key = key
+            self._worker.quit()  # a stale job: it stops at its next step, its result is ignored
+            return
+        self._start_worker(key)
+
+    def _start_worker(self, key: _EmbedKey) -> None:
+        from superqt.utils import create_worker  # napari's own wrapper adds a traceback notification
+
+        layer = self._image_layer
+        data = layer.data
+        contrast = tuple(float(v) for v in layer.contrast_limits)
+        if layer.rgb and (data[0] if layer.multiscale else data).dtype == np.uint8:
+            contrast = None  # napari shows uint8 RGB as is
+        worker = create_worker(
+            _embedding_job,
+            key,
+            data,
+            key.slice_index,
+            contrast,
+            _start_thread=False,
+            _connect={
+                "returned": self._on_worker_returned,
+                "errored": self._on_worker_errored,
+                "warned": self._on_worker_warned,
+                "finished": self._on_worker_finished,
+            },
+        )
+        self._worker, self._worker_key, self._pending_key = worker, key, None
+        self._worker_started = time.perf_counter()
+        self.progress.setRange(0, 0)
+        self._elapsed_timer.start()
+        self._show_elapsed()
+        worker.start()
+
+    def _show_elapsed(self) -> None:
+        if self._worker_key is None:
+            return
+        where = f" slice {self._worker_key.slice_index}" if self._worker_key.slice_index else ""
+        elapsed = time.perf_counter() - self._worker_started
+        self._set_status(
+            f"computing embedding{where} with {self._worker_key.spec.label()}… {elapsed:.1f} s "
+            "(prompts placed now are kept)"
+        )
+
+    def _on_worker_returned(self, result) -> None:
+        key, features = result
+        self._failed_key = None
+        self._features[key] = features
+        while len(self._features) > 4:
+            self._features.popitem(last=False)
+        if self._closed:
+            return
+        if key == self._safe_desired_key():
+            self._activate(key)
+
+    def _on_worker_errored(self, err: Exception) -> None:
+        key = self._worker_key
+        self._failed_key = key
+        logger.error("RWKV-SAM embedding failed: %s", err)
+        what = f"{type(err).__name__}: {err}"
+        self._set_status(f"embedding failed: {what}")
+        if key is not None and self._pending_key is None:
+            show_error(f"RWKV-SAM: could not compute the embedding with {key.spec.label()}: {what}")
+
+    def _on_worker_warned(self, args: tuple) -> None:
+        """The core's warnings (e.g. 'RANDOM weights') raised in the worker become notifications."""
+        message = str(args[0])
+        if message.startswith("RWKV-SAM"):
+            show_warning(message)
+        else:
+            logger.warning("during the embedding: %s", message)
+
+    def _on_worker_finished(self) -> None:
+        self._worker, self._worker_key = None, None
+        self._elapsed_timer.stop()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        if self._closed:
+            return
+        pending, self._pending_key = self._pending_key, None
+        if pending is not None and pending == self._safe_desired_key() and pending not in self._features:
+            self._start_worker(pending)
+        elif self._active_key is not None:
+            self._set_status(self._ready_text())
+
+    def _safe_desired_key(self) -> _EmbedKey | None:
+        try:
+            return self._desired_key()
+        except PromptError:
+            return None
+
+    def _activate(self, key: _EmbedKey | None) -> None:
+        """Make the features of ``key`` the ones prompts are decoded with; refresh the preview."""
+        if key == self._active_key:
+            return
+        self._active_key = key
+        if key is None:
+            return
+        from ._engine import Segmenter
+
+        if self._segmenter is None or self._segmenter.spec != key.spec:
+            self._segmenter = Segmenter(key.spec)
+        self._active_features = self._features[key]
+        self._set_status(self._ready_text())
+        self.embedding_ready.emit()
+        self._update_preview()
+
+    def _ready_text(self) -> str:
+        key = self._active_key
+        where = f" slice {key.slice_index}" if key and key.slice_index else ""
+        return f"ready{where}: click points (Shift-click negative) or draw rectangles"
+
+    @property
+    def is_ready(self) -> bool:
+        """True when the features of the current slice are loaded in the decoder."""
+        return self._active_key is not None and self._active_key == self._safe_desired_key()
+
+    @property
+    def is_embedding(self) -> bool:
+        return self._worker is not None
+
+    def _on_image_data(self, event=None) -> None:
+        layer = self._image_layer
+        if layer is None:
+            return
+        self._data_versions[id(layer)] = self._data_versions.get(id(layer), 0) + 1
+        if self.auto_embed_check.isChecked():
+            self._request_embedding()
+
+    def _on_model_changed(self, *args) -> None:
+        self._segmenter = None
+        self._active_features = None
+        self._active_key = None
+        self._prediction = None
+        if self.auto_embed_check.isChecked() and self._image_layer is not None:
+            self._request_embedding()
+
+    def _on_dims_changed(self, event=None) -> None:
+        if self._image_layer is None:
+            return
+        key = self._safe_desired_key()
+        if key == self._active_key:
+            return
+        self._active_key = None
+        if self.auto_embed_check.isChecked() or self._has_prompts():
+            self._request_embedding()
+        self._schedule_preview()
+
+    # ------------------------------------------------------------------------------------- prompts
+    def _has_prompts(self) -> bool:
+        return bool(
+            (self._points is not None and len(self._points.data))
+            or (self._boxes is not None and len(self._boxes.data))
+        )
+
+    def _on_prompts_changed(self, event=None) -> None:
+        action = getattr(event, "action", None)
+        if action is not None and str(action).endswith("ing"):  # adding/removing/changing: not yet done
+            return
+        self._choice = None
+        self._schedule_preview()
+
+    def _schedule_preview(self, *args) -> None:
+        if not self._closed:
+            self._preview_timer.start()
+
+    def toggle_negative(self) -> None:
+        """Toggle whether the next clicked point is negative."""
+        self.negative_check.setChecked(not self.negative_check.isChecked())
+
+    def _gather(self, slice_index: SliceIndex, hw: tuple[int, int], boxes_only: bool = False) -> Prompts:
+        prompts = Prompts()
+        if self._points is not None and not boxes_only and len(self._points.data):
+            labels = (
+                self._points.features["label"].to_numpy()
+                if "label" in self._points.features
+                else np.ones(len(self._points.data), dtype=np.int64)
+            )
+            coords, labels, notes = points_to_prompts(self._points.data, labels, slice_index, hw)
+            prompts.point_coords, prompts.point_labels = coords, labels
+            prompts.messages += notes
+        if self._boxes is not None and len(self._boxes.data):
+            boxes, notes = shapes_to_boxes(self._boxes.data, self._boxes.shape_type, slice_index, hw)
+            prompts.boxes = boxes
+            prompts.messages += notes
+        return prompts
+
+    def _current_batch(self, boxes_only: bool = False) -> tuple[_EmbedKey, PromptBatch, tuple]:
+        """The active key, the prompts of the current slice grouped into objects, and their signature."""
+        key = self._active_key
+        hw = self._spatial(self._image_layer)[-2:]
+        prompts = self._gather(key.slice_index, hw, boxes_only=boxes_only)
+        batch = PromptBatch(None, None, prompts.boxes) if boxes_only else group_prompts(prompts)
+        self._note(prompts.messages + batch.messages)
+        multimask = self.multimask_check.isChecked()
+        signature = (key, multimask) + tuple(
+            None if a is None else (a.shape, a.tobytes())
+            for a in (batch.point_coords, batch.point_labels, batch.boxes)
+        )
+        return key, batch, signature
+
+    @_guarded
+    def _update_preview(self) -> None:
+        """Decode the prompts of the current slice in a worker and draw the preview when it returns.
+
+        One decode runs at a time; prompt changes meanwhile mark the preview dirty and the latest
+        prompts are decoded as soon as the running decode returns.
+        """
+        if self._image_layer is None or self._closed:
+            return
+        key = self._desired_key()
+        if key != self._active_key or self._segmenter is None:
+            if self._has_prompts() and self._worker is None and key is not None:
+                self._request_embedding()
+            return
+        key, batch, signature = self._current_batch()
+        if batch.num_objects == 0:
+            self._prediction = None
+            self._render_prediction()
+            return
+        if self._prediction is not None and self._prediction.signature == signature:
+            self._render_prediction()
+            return
+        if self._decoder is not None:
+            self._decode_dirty = True
+            return
+        self._start_decode(key, batch, signature)
+
+    def _start_decode(self, key: _EmbedKey, batch: PromptBatch, signature: tuple) -> None:
+        from superqt.utils import create_worker
+
+        self._decode_dirty = False
+        self._decoder = create_worker(
+            _decode_job,
+            self._segmenter,
+            self._active_features,
+            batch,
+            self.multimask_check.isChecked(),
+            _start_thread=True,
+            _connect={
+                "returned": lambda out, k=key, b=batch, sig=signature: self._on_decoded(k, b, sig, out),
+                "errored": self._on_decode_errored,
+                "finished": self._on_decode_finished,
+            },
+        )
+
+    def _on_decoded(self, key: _EmbedKey, batch: PromptBatch, signature: tuple, out) -> None:
+        if self._closed or key != self._active_key:
+            return
+        masks, scores = out
+        self._prediction = _Prediction(key.slice_index, batch, masks, scores, signature)
+        if not self._decode_dirty:
+            self._render_prediction()
+
+    def _on_decode_errored(self, err: Exception) -> None:
+        logger.error("RWKV-SAM decoding failed: %s", err)
+        self._set_status(f"prediction failed: {type(err).__name__}: {err}")
+        show_error(f"RWKV-SAM: prediction failed: {type(err).__name__}: {err}")
+
+    def _on_decode_finished(self) -> None:
+        self._decoder = None
+        if self._decode_dirty and not self._closed:
+            self._update_preview()
+
+    @property
+    def is_decoding(self) -> bool:
+        return self._decoder is not None
+
+    def _chosen_masks(self) -> np.ndarray | None:
+        """``(N, H, W)`` masks of the current prediction after the candidate choice and box clipping."""
+        pred = self._prediction
+        if pred is None:
+            return None
+        masks, _ = select_masks(pred.masks, pred.scores, self._choice)
+        if self.clip_check.isChecked():
+            masks = clip_masks_to_boxes(masks, pred.batch.boxes)
+        return masks
+
+    @_guarded
+    def _render_prediction(self, *args) -> None:
+        preview = self._preview
+        if preview is None or preview not in self.viewer.layers:
+            self._ensure_prompt_layers()
+            preview = self._preview
+            if preview is None:
+                return
+        pred = self._prediction
+        if self._preview_slice is not None and (pred is None or self._preview_slice != pred.slice_index):
+            preview.data[self._preview_slice] = 0
+            self._preview_slice = None
+        if pred is not None:
+            masks = self._chosen_masks()
+            preview.data[pred.slice_index] = masks_to_label_image(masks, preview.data.dtype)
+            self._preview_slice = pred.slice_index
+            self._show_scores()
+        else:
+            self.scores_label.setText("")
+        preview.refresh()
+        self.preview_updated.emit()
+
+    def _show_scores(self) -> None:
+        pred = self._prediction
+        _, chosen = select_masks(pred.masks[:, :, :1, :1], pred.scores, self._choice)
+        n, k = pred.scores.shape
+        if n == 1:
+            parts = [f"[{s:.2f}]" if j == chosen[0] else f"{s:.2f}" for j, s in enumerate(pred.scores[0])]
+            text = "mask scores: " + "  ".join(parts)
+        else:
+            best = ", ".join(f"{pred.scores[i, chosen[i]]:.2f}" for i in range(n))
+            text = f"{n} objects, candidate {int(chosen[0]) + 1}/{k}: {best}"
+        if k > 1:
+            text += f"  ({KEYS['next_mask']}: next mask)"
+        self.scores_label.setText(text)
+
+    # ------------------------------------------------------------------------------------- actions
+    @_guarded
+    def next_mask(self) -> None:
+        """Show the next candidate mask (multimask output)."""
+        pred = self._prediction
+        if pred is None:
+            raise PromptError("no preview yet: click a point or draw a box first")
+        k = pred.scores.shape[1]
+        if k < 2:
+            raise PromptError("this model gives a single mask per prompt")
+        if self._choice is None:
+            self._choice = int(np.argmax(pred.scores[0]))
+        self._choice = (self._choice + 1) % k
+        self._render_prediction()
+
+    def _require_current_prediction(self) -> _Prediction:
+        """The prediction for the prompts as they are now (decoded here if the preview lags behind)."""
+        self._preview_timer.stop()
+        if self._image_layer is None:
+            raise PromptError("no image layer: open or add an image first")
+        key = self._safe_desired_key()
+        if key is None or key != self._active_key or self._segmenter is None:
+            raise PromptError("the embedding is still being computed: commit again when it is ready")
+        key, batch, signature = self._current_batch()
+        if batch.num_objects == 0:
+            raise PromptError("nothing to commit: click points or draw a box on this slice first")
+        pred = self._prediction
+        if pred is None or pred.signature != signature:
+            masks, scores = self._segmenter.predict(
+                self._active_features, batch, multimask=self.multimask_check.isChecked()
+            )
+            self._prediction = pred = _Prediction(key.slice_index, batch, masks, scores, signature)
+            self._render_prediction()
+        return pred
+
+    @_guarded
+    def commit(self) -> list[int]:
+        """Write the preview into the committed Labels layer (one new id per object), clear the prompts.
+
+        Returns:
+            The label ids given to the committed objects.
+        """
+        pred = self._require_current_prediction()
+        return self._commit_masks(pred.slice_index, self._chosen_masks(), clear_points=True)
+
+    def _commit_masks(self, slice_index: SliceIndex, masks: np.ndarray, clear_points: bool) -> list[int]:
+        shape = self._spatial(self._image_layer)
+        layer = self._ensure_committed(shape)
+        record = commit_masks(layer.data, slice_index, masks, overwrite=self.overwrite_check.isChecked())
+        if not record.label_ids:
+            raise PromptError("the mask is empty or covers only existing labels: nothing committed")
+        self._undo.append((layer, record))
+        layer.refresh()
+        self._clear_slice(slice_index, points=clear_points, boxes=True)
+        ids = ", ".join(str(i) for i in record.label_ids)
+        self._set_status(f"committed label {ids} ({KEYS['undo']} undoes)")
+        self.committed.emit(list(record.label_ids))
+        return list(record.label_ids)
+
+    @_guarded
+    def segment_all_boxes(self) -> list[int]:
+        """Every rectangle of the current slice becomes a committed label (one batched decoder pass)."""
+        key = self._safe_desired_key()
+        if self._image_layer is None:
+            raise PromptError("no image layer: open or add an image first")
+        if key is None or key != self._active_key or self._segmenter is None:
+            raise PromptError("the embedding is still being computed: try again when it is ready")
+        key, batch, _ = self._current_batch(boxes_only=True)
+        if batch.num_objects == 0:
+            raise PromptError("no rectangles on this slice: draw boxes in the 'RWKV-SAM boxes' layer")
+        masks, scores = self._segmenter.predict(
+            self._active_features, batch, multimask=self.multimask_check.isChecked()
+        )
+        chosen, _ = select_masks(masks, scores, None)
+        if self.clip_check.isChecked():
+            chosen = clip_masks_to_boxes(chosen, batch.boxes)
+        return self._commit_masks(key.slice_index, chosen, clear_points=False)
+
+    def _clear_slice(self, slice_index: SliceIndex, points: bool = True, boxes: bool = True) -> None:
+        """Remove the prompts lying on ``slice_index`` (all of them for a 2-D image)."""
+        lead = len(slice_index)
+        if points and self._points is not None and len(self._points.data):
+            data = self._points.data
+            on = (
+                np.all(np.rint(data[:, :lead]) == np.asarray(slice_index), axis=1)
+                if lead
+                else np.ones(len(data), bool)
+            )
+            if on.any():
+                self._points.selected_data = set(np.flatnonzero(on).tolist())
+                self._points.remove_selected()
+        if boxes and self._boxes is not None and len(self._boxes.data):
+            on = [
+                (not lead) or bool(np.all(np.rint(v[0, :lead]) == np.asarray(slice_index)))
+                for v in self._boxes.data
+            ]
+            if any(on):
+                self._boxes.selected_data = {i for i, flag in enumerate(on) if flag}
+                self._boxes.remove_selected()
+        self._prediction = None
+        self._choice = None
+        self._render_prediction()
+
+    @_guarded
+    def clear(self) -> None:
+        """Remove the prompts and the preview of the current slice."""
+        if self._image_layer is None:
+            raise PromptError("no image layer: open or add an image first")
+        self._ensure_prompt_layers()  # brings back prompt layers the user deleted
+        self._clear_slice(self._current_slice())
+        self._set_status("prompts cleared")
+
+    @_guarded
+    def undo(self) -> None:
+        """Revert the last commit."""
+        while self._undo:
+            layer, record = self._undo.pop()
+            if layer in self.viewer.layers:
+                undo_commit(layer.data, record)
+                layer.refresh()
+                self._set_status(f"undid label {', '.join(str(i) for i in record.label_ids)}")
+                return
+        raise PromptError("nothing to undo")
+
+
+BACKGROUND_NICE = 5
+
+
+def _decode_job(segmenter, features, batch: PromptBatch, multimask: bool):
+    """Worker-thread preview decode: ``(masks (N, K, H, W), scores (N, K))``."""
+    return segmenter.predict(features, batch, multimask=multimask)
+
+
+def _embedding_job(key: _EmbedKey, data, slice_index: SliceIndex, contrast):
+    """Worker-thread job (generator: each ``yield`` is a point where a stale job can be cancelled).
+
+    On Linux the worker thread runs at a lower CPU priority (nice +5) so the GUI thread wins the CPU
+    whenever it has work; OpenMP threads that torch starts from this thread inherit it.
+    """
+    from ._engine import compute_features, load_model
+
+    restore = _lower_thread_priority()
+    try:
+        yield
+        load_model(key.spec)
+        yield
+        plane = extract_slice(data, slice_index)
+        yield
+        return key, compute_features(key.spec, plane, contrast)
+    finally:
+        restore()
+
+
+def _lower_thread_priority():
+    """Renice the calling thread; returns a function that tries to restore the old priority."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    tid = threading.get_native_id()
+    try:
+        old = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, max(old, BACKGROUND_NICE))
+    except OSError:
+        return lambda: None
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):  # raising priority again needs privileges
+            os.setpriority(os.PRIO_PROCESS, tid, old)
+
+    return restore
