@@ -131,14 +131,15 @@ class Predictor:
         """Predict masks for one object, or for several boxes at once.
 
         Args:
-            point_coords: (P, 2) x, y in original pixels (or (N, P, 2) with N boxes).
+            point_coords: (P, 2) x, y in original pixels, or (N, P, 2) for N objects (with N boxes or none).
             point_labels: (P,) 1 positive, 0 negative (or (N, P)).
             box: (4,) XYXY in original pixels, or (N, 4) for N objects in one decoder pass.
             mask_input: (1, S/4, S/4) low-res logits from a previous call (or (N, 1, S/4, S/4)).
             multimask_output: return 3 candidates (a single-token model returns 1).
             return_logits: return float logits instead of boolean masks.
         Returns:
-            masks (K, H, W), scores (K,), low-res logits (K, S/4, S/4); with N boxes a leading N axis.
+            masks (K, H, W), scores (K,), low-res logits (K, S/4, S/4); with N > 1 objects (boxes or
+            point sets) a leading N axis.
         """
         self._require_image()
         coords_t = labels_t = box_t = mask_t = None
@@ -148,6 +149,7 @@ class Predictor:
                 raise ValueError("point_labels must be given with point_coords")
             coords = np.asarray(point_coords, dtype=np.float64)
             labels = np.asarray(point_labels)
+            batched = coords.ndim == 3 and coords.shape[0] > 1
             if coords.ndim == 2:
                 coords, labels = coords[None], labels[None]
             if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
@@ -161,10 +163,11 @@ class Predictor:
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)
             labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)
             n = coords_t.shape[0]
-        multi_box = False
+        if point_coords is None:
+            batched = False
         if box is not None:
             boxes = np.asarray(box, dtype=np.float64)
-            multi_box = boxes.ndim == 2 and boxes.shape[0] > 1
+            batched = batched or (boxes.ndim == 2 and boxes.shape[0] > 1)
             boxes = boxes.reshape(-1, 4) if boxes.size % 4 == 0 and boxes.ndim <= 2 else None
             if boxes is None or boxes.shape[0] == 0:
                 raise ValueError(f"box must be (4,) or (N, 4) XYXY, got shape {np.shape(box)}")
@@ -195,7 +198,7 @@ class Predictor:
             coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits
         )
         masks, iou, low_res = masks.cpu().numpy(), iou.float().cpu().numpy(), low_res.float().cpu().numpy()
-        if multi_box:
+        if batched:
             return masks, iou, low_res
         return masks[0], iou[0], low_res[0]
 

@@ -52,6 +52,16 @@ def test_mask_prompt_and_several_boxes(predictor, image):
     assert (one != masks[1]).mean() < 1e-3
 
 
+def test_several_point_sets(predictor, image):
+    predictor.set_image(image)
+    coords = np.array([[[20, 30], [60, 40]], [[100, 50], [120, 70]]])
+    labels = np.array([[1, 0], [1, 1]])
+    masks, scores, low = predictor.predict(point_coords=coords, point_labels=labels)
+    assert masks.shape == (2, 3, 90, 150) and scores.shape == (2, 3)
+    second, s2, _ = predictor.predict(point_coords=coords[1], point_labels=labels[1])
+    np.testing.assert_allclose(s2, scores[1], rtol=1e-4, atol=1e-5)
+
+
 def test_predict_torch_matches_predict(predictor, image):
     predictor.set_image(image)
     box = np.array([10, 10, 80, 60])
