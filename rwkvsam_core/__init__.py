@@ -9,6 +9,7 @@ Public API::
     masks, scores, low_res = predictor.predict(box=np.array([x0, y0, x1, y1]))
 """
 
+from .allocator import tune_allocator
 from .build import DEFAULT_MODEL, MODEL_NAMES, build_model, default_checkpoint
 from .cache import EmbeddingCache, image_hash, model_fingerprint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -34,5 +35,6 @@ __all__ = [
     "postprocess_masks",
     "save_checkpoint",
     "to_rgb_uint8",
+    "tune_allocator",
     "__version__",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import tune_allocator
 from .cache import invalidate_fingerprint
 from .checkpoint import (
     LAYOUT_AUTHORS,
@@ -93,9 +94,13 @@ def build_model(
         image_size: model input side (multiple of 16); default from the checkpoint, else 1024.
         decoder_mode: "multimask" or "single"; default from the checkpoint, else multimask.
     Returns: the model in eval mode on ``device``.
+
+    The first call in a process also applies ``rwkvsam_core.allocator.tune_allocator()`` (glibc
+    settings worth up to 10x on the CPU; ``RWKVSAM_TUNE_ALLOCATOR=0`` disables it).
     """
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    tune_allocator()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if checkpoint is None and pretrained:

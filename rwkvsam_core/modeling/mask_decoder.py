@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, PatchUpsample2d
 
 __all__ = ["MLP", "Attention", "TwoWayAttentionBlock", "TwoWayTransformer", "MaskDecoder"]
 
@@ -257,10 +257,10 @@ class MaskDecoder(nn.Module):
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            PatchUpsample2d(transformer_dim, transformer_dim // 4),
             LayerNorm2d(transformer_dim // 4),
             activation(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            PatchUpsample2d(transformer_dim // 4, transformer_dim // 8),
             activation(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, PatchUpsample2d
 
 
 class RefineModule(nn.Module):
@@ -34,7 +34,7 @@ class RefineModule(nn.Module):
             nn.Conv2d(mid, out, 3, padding=1),
         )
         self.mr_feat_proj = nn.Sequential(
-            nn.ConvTranspose2d(mr_chans, mid, kernel_size=2, stride=2),
+            PatchUpsample2d(mr_chans, mid),
             LayerNorm2d(mid, eps=1e-6),
             nn.GELU(),
             nn.Conv2d(mid, out, 3, padding=1),

@@ -186,3 +186,18 @@ def test_fancy_init_values():
         + torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64),
     )
     assert torch.equal(model.backbone.layers[3].layer_scale_1, torch.full((c,), 1e-2))
+
+
+def test_patch_upsample_equals_transposed_convolution():
+    import torch.nn.functional as F
+
+    from rwkvsam_core.modeling.common import PatchUpsample2d
+
+    m = PatchUpsample2d(7, 5)
+    x = torch.randn(2, 7, 3, 4, requires_grad=True)
+    ref = F.conv_transpose2d(x, m.weight, m.bias, stride=2)
+    out = m(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    assert set(m.state_dict()) == {"weight", "bias"}

@@ -152,3 +152,20 @@ def test_bgr(predictor, image):
     a = predictor.get_image_embedding().clone()
     predictor.set_image(np.ascontiguousarray(image[..., ::-1]), image_format="BGR")
     torch.testing.assert_close(predictor.get_image_embedding(), a)
+
+
+def test_allocator_tuning_switch():
+    import subprocess
+    import sys
+
+    code = "import rwkvsam_core as r; print(r.tune_allocator())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    off = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "RWKVSAM_TUNE_ALLOCATOR": "0"},
+    )
+    assert on.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+    assert off.stdout.strip() == "False"
