@@ -86,8 +86,10 @@ class Predictor:
     def _encode(self, x: torch.Tensor, original_size: tuple[int, int]) -> ImageFeatures:
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
         tensors = self.model.encode_image(self.model.preprocess(x))
+        # contiguous (NCHW) like features restored from the disk cache, so that decoding gives
+        # bit-identical results whichever way the features arrived
         return ImageFeatures(
-            {k: v.detach() for k, v in tensors.items()},
+            {k: v.detach().contiguous() for k, v in tensors.items()},
             (int(original_size[0]), int(original_size[1])),
             input_size,
             self.model.image_size,

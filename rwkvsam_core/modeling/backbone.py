@@ -211,12 +211,14 @@ class RWKVSAMBackbone(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        # Conv biases keep PyTorch's default (small, non-zero) initialisation on purpose: with zero
+        # biases the zero padding of the input stays an exactly-zero vector through the conv stages,
+        # LayerNorm2d then sees zero variance there and multiplies the gradient by 1/sqrt(eps) = 1000
+        # per layer, and the gradient norm overflows to inf on any padded (non-square) image.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
 

@@ -201,3 +201,14 @@ def test_patch_upsample_equals_transposed_convolution():
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
     assert set(m.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("name", RWKV_VARIANTS)
+def test_padded_input_gives_finite_gradients(name):
+    """Zero padding of a non-square image must not blow up LayerNorm2d gradients (regression)."""
+    model = build_model(name, device="cpu", image_size=128).train()
+    x = model.preprocess(torch.rand(1, 3, 80, 128) * 255)  # 48 padded rows
+    emb = model.encode_image(x)["embedding"]
+    ((emb - torch.randn_like(emb)) ** 2).mean().backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
+    assert torch.isfinite(norm) and norm < 1e3, norm
