@@ -16,26 +16,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import platform
 import statistics
 import time
 
 import torch
+from _machine import cpu_model  # benchmarks/_machine.py (run as a script)
 
 from rwkvsam_core.ops import bi_wkv, bi_wkv_backend_info
 
 SHAPES = [(1, 4096, 192), (1, 4096, 384), (1, 16384, 192)]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def tune_malloc() -> bool:

@@ -12,24 +12,13 @@ Usage: python benchmarks/bench_core_cpu.py [--model rwkvsam_t] [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 import warnings
 
 import numpy as np
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _machine import cpu_model  # benchmarks/_machine.py (run as a script)
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -56,7 +45,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     print(
-        f"# {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"# {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}"
     )
     print("| input | embedding (s, median) | s per Mpx | ratio to 512^2 per Mpx |")

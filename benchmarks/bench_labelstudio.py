@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from _machine import cpu_model  # benchmarks/_machine.py (run as a script)
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,16 +41,6 @@ CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels>
 <RectangleLabels name="rect" toName="image" smart="true"><Label value="object"/></RectangleLabels>
 <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object"/></KeyPointLabels></View>"""
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _photo(side: int, seed: int) -> np.ndarray:
@@ -180,7 +170,7 @@ def main() -> int:
     med = statistics.median
     print(
         f"# Label Studio backend, {args.model} at {args.image_size}, photo {w}x{h}, "
-        f"{_cpu_name()}, {os.cpu_count()} cores, torch threads default, {time.strftime('%Y-%m-%d')}"
+        f"{cpu_model()}, {os.cpu_count()} cores, torch threads default, {time.strftime('%Y-%m-%d')}"
     )
     print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine count)")
     print("| request (HTTP, end to end) | median | min | max |")

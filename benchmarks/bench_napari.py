@@ -19,7 +19,6 @@ import argparse
 import ctypes
 import datetime as dt
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -31,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model  # benchmarks/_machine.py (run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -82,16 +82,6 @@ def wait_for(app, predicate, timeout: float) -> None:
             raise TimeoutError("timed out")
         app.processEvents()
         time.sleep(0.001)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def summary(values_ms: list[float]) -> str:

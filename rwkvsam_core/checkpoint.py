@@ -79,16 +79,6 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The embedded config of one of our checkpoints without loading tensors (None for other files)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
-
-
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint in any supported layout and convert it to our key names.
 

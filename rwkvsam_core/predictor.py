@@ -146,6 +146,7 @@ class Predictor:
         self._require_image()
         coords_t = labels_t = box_t = mask_t = None
         n = None
+        batched = False  # N > 1 objects: keep the leading N axis in the results
         if point_coords is not None:
             if point_labels is None:
                 raise ValueError("point_labels must be given with point_coords")
@@ -165,8 +166,6 @@ class Predictor:
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)
             labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)
             n = coords_t.shape[0]
-        if point_coords is None:
-            batched = False
         if box is not None:
             boxes = np.asarray(box, dtype=np.float64)
             batched = batched or (boxes.ndim == 2 and boxes.shape[0] > 1)
