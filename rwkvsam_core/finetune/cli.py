@@ -81,6 +81,13 @@ def add_finetune_args(p: argparse.ArgumentParser, defaults: FinetuneConfig | Non
     p.add_argument(
         "--no-resume", action="store_true", help="start afresh even if the run folder holds a training state"
     )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long with the state saved (run again to resume)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -96,6 +103,7 @@ def config_from_args(args: argparse.Namespace, base: FinetuneConfig | None = Non
     cfg.num_workers, cfg.augment, cfg.scale_range = args.num_workers, not args.no_augment, (lo, hi)
     cfg.loss_points = args.loss_points or None
     cfg.correction_rounds, cfg.device, cfg.progress = args.correction_rounds, args.device, not args.quiet
+    cfg.time_limit_s = getattr(args, "time_limit", None)
     cfg.ratios = tuple(int(r) for r in args.ratios.split(":")) if args.ratios else None
     return cfg
 

@@ -57,6 +57,8 @@ class FinetuneConfig:
     3 candidates; box prompts and corrective passes train the single-mask output. ``schedule_steps`` is the length of the warm-up + cosine schedule (default ``steps``;
     larger values stop a run part-way along its schedule, to resume later). A step whose gradient norm is not finite is skipped (counted in ``nonfinite_steps``);
     ``max_nonfinite_steps`` such steps in a row stop the run with an error.
+    ``time_limit_s``: wall-clock budget of this call; when it runs out the run saves its state and
+    returns early (resume later with the same config to finish it).
     """
 
     steps: int = 1000
@@ -89,6 +91,7 @@ class FinetuneConfig:
     iou_weight: float = 1.0
     prompt: PromptConfig = field(default_factory=PromptConfig)
     max_nonfinite_steps: int = 20
+    time_limit_s: float | None = None
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
@@ -151,9 +154,33 @@ def set_trainable(model: nn.Module, parts: Sequence[str]) -> list[nn.Parameter]:
     return params
 
 
-def _collate(items: list[Any]) -> dict[str, Any]:
-    samples = [it for it in items if it is not None]
-    return {"samples": samples, "skipped": len(items) - len(samples)}
+def _instance_prompts(smp: dict[str, Any], cfg: PromptConfig) -> list[dict[str, Any]]:
+    """Prompts of every instance of one sample (a pure function of the sample's seed)."""
+    rng = np.random.default_rng([int(smp["seed"]), 17])
+    return [sample_instance_prompts(m, cfg, rng) for m in smp["masks"]]
+
+
+class _PromptPrep:
+    """Draws a sample's prompts where the batch is collated (in the DataLoader workers when there are
+    any): finding boxes and points in full-size masks is CPU work that would otherwise stall the GPU."""
+
+    def __init__(self, cfg: PromptConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, smp: dict[str, Any]) -> None:
+        smp["prompts"] = _instance_prompts(smp, self.cfg)
+
+
+class _Collate:
+    def __init__(self, prep: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.prep = prep
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        samples = [it for it in items if it is not None]
+        if self.prep is not None:
+            for smp in samples:
+                self.prep(smp)
+        return {"samples": samples, "skipped": len(items) - len(samples)}
 
 
 def _to_input(model: nn.Module, image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -178,6 +205,7 @@ class SegmentationTask(nn.Module):
         self.model = model
         self.cfg = cfg
         self.loss_cfg = LossConfig(cfg.bce_weight, cfg.dice_weight, cfg.iou_weight, cfg.loss_points)
+        self.sample_prep = _PromptPrep(cfg.prompt)
 
     def _dummy(self, device: torch.device) -> torch.Tensor:
         return sum(
@@ -197,28 +225,33 @@ class SegmentationTask(nn.Module):
         # ---- instances and prompts (numpy, per-sample generators) ----
         inst: list[dict[str, Any]] = []
         for b, smp in enumerate(samples):
-            rng = np.random.default_rng([int(smp["seed"]), 17])
-            h, w = smp["image"].shape[:2]
-            for j, m in enumerate(smp["masks"]):
-                pr = sample_instance_prompts(m, cfg.prompt, rng)
-                inst.append(
-                    {"b": b, "mask": m, "hw": (h, w), "seed": (int(smp["seed"]) * 131 + j) % (1 << 62), **pr}
-                )
+            prompts = smp.get("prompts")
+            if prompts is None:  # not drawn at collation (e.g. a caller's own loop)
+                prompts = _instance_prompts(smp, cfg.prompt)
+            for j, pr in enumerate(prompts):
+                inst.append({"b": b, "seed": (int(smp["seed"]) * 131 + j) % (1 << 62), **pr})
         if not inst:
             return self._dummy(device), torch.zeros((), device=device), stats
         n = len(inst)
         slots = cfg.prompt.num_point_slots + cfg.correction_rounds
         gt = torch.zeros(n, s, s, dtype=torch.bool, device=device)
         valid = torch.zeros(n, s, s, dtype=torch.bool, device=device)
-        coords = torch.zeros(n, slots, 2, device=device)
-        labels = torch.full((n, slots), -1, dtype=torch.int64, device=device)
+        i = 0
+        for smp in samples:  # one copy per sample, not per instance
+            m = len(smp["masks"])
+            if m:
+                h, w = smp["image"].shape[:2]
+                gt[i : i + m, :h, :w] = torch.from_numpy(np.ascontiguousarray(smp["masks"])).to(device)
+                valid[i : i + m, :h, :w] = True
+                i += m
+        p = cfg.prompt.num_point_slots
+        coords_np = np.zeros((n, slots, 2), dtype=np.float32)
+        labels_np = np.full((n, slots), -1, dtype=np.int64)
         for i, it in enumerate(inst):
-            h, w = it["hw"]
-            gt[i, :h, :w] = torch.from_numpy(it["mask"]).to(device)
-            valid[i, :h, :w] = True
-            p = len(it["point_labels"])
-            coords[i, :p] = torch.from_numpy(it["point_coords"]).to(device)
-            labels[i, :p] = torch.from_numpy(it["point_labels"]).to(device)
+            coords_np[i, :p] = it["point_coords"]
+            labels_np[i, :p] = it["point_labels"]
+        coords = torch.from_numpy(coords_np).to(device)
+        labels = torch.from_numpy(labels_np).to(device)
         boxes = torch.from_numpy(np.stack([it["box"] for it in inst])).to(device)
         index = torch.tensor([it["b"] for it in inst], device=device)
         seeds = torch.tensor([it["seed"] for it in inst], dtype=torch.int64, device=device)
@@ -401,7 +434,7 @@ def train(
         MixedDataset(datasets, transform),
         batch_size=sampler.local_batch,
         sampler=sampler,
-        collate_fn=_collate,
+        collate_fn=_Collate(getattr(task, "sample_prep", None)),
         num_workers=cfg.num_workers,
         persistent_workers=False,
     )
@@ -411,7 +444,7 @@ def train(
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not (cfg.progress and info.is_main), desc="train", unit="step"
     )
-    t_last = time.perf_counter()
+    t_last = t_begin = time.perf_counter()
     step = start
     try:
         for batch in loader:
@@ -489,7 +522,12 @@ def train(
                     tb.log(rec)
                 if log_fn is not None:
                     log_fn(rec)
-            if step % max(1, cfg.save_every) == 0 or step == cfg.steps:
+            out_of_time = False
+            if cfg.time_limit_s is not None:
+                # every process must stop at the same step: the slowest clock decides
+                late = torch.tensor(float(now - t_begin >= cfg.time_limit_s), device=device)
+                out_of_time = bool(all_reduce_sum(late).item() > 0)
+            if step % max(1, cfg.save_every) == 0 or step == cfg.steps or out_of_time:
                 rngs = [rng_state()]
                 if info.enabled:
                     gathered: list[Any] = [None] * info.world
@@ -513,6 +551,15 @@ def train(
                     )
                     _write_json_atomic(out / "history.json", history)
                 barrier()
+            if out_of_time:
+                if info.is_main:
+                    logger.info(
+                        "time limit of %.0f s reached at step %d of %d: state saved",
+                        cfg.time_limit_s,
+                        step,
+                        cfg.steps,
+                    )
+                break
     finally:
         bar.close()
         tb.close()

@@ -128,3 +128,25 @@ def test_nonfinite_gradients_skip_the_update_then_stop(instance_dir: Path, tmp_p
     assert [r["nonfinite_steps"] for r in seen] == [1]  # the second record is never logged: it raised first
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed although every update was skipped"
+
+
+def test_time_limit_stops_with_state_saved_and_resume_finishes(instance_dir: Path, tmp_path: Path) -> None:
+    ds = InstanceFolderDataset(instance_dir)
+    out = tmp_path / "run"
+    # a zero budget runs out after the first step: that step is saved, the run returns early
+    res = run_finetune(tiny_model(), ds, small_cfg(steps=3, save_every=100, time_limit_s=0.0), out)
+    assert res.steps == 1
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    assert state["step"] == 1
+    # the same config without the limit resumes at step 1 and ends where an uninterrupted run ends
+    res2 = run_finetune(tiny_model(), ds, small_cfg(steps=3, save_every=100), out)
+    assert res2.steps == 3 and [h["step"] for h in res2.history] == [1, 2, 3]
+    ref = run_finetune(tiny_model(), ds, small_cfg(steps=3, save_every=100), tmp_path / "ref")
+    assert [h["loss"] for h in res2.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
+
+
+def test_prompts_drawn_in_loader_workers_give_the_same_run(instance_dir: Path, tmp_path: Path) -> None:
+    ds = InstanceFolderDataset(instance_dir)
+    a = run_finetune(tiny_model(), ds, small_cfg(steps=2, num_workers=0), tmp_path / "a")
+    b = run_finetune(tiny_model(), ds, small_cfg(steps=2, num_workers=2), tmp_path / "b")
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5)
