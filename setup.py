@@ -1,7 +1,7 @@
 """Build hook: wheels carry the CUDA sources of ``kernels/`` as ``rwkvsam_core/_kernels``.
 
 Everything else is in pyproject.toml. Editable installs and source checkouts read ``kernels/``
-directly (``rwkvsam_core.ops.cuda_ext.source_dir``); a regular wheel has no repository next to it.
+directly (``rwkvsam_core.ops.cuda_ext.kernel_source_dir``); a regular wheel has no repository next to it.
 """
 
 import shutil
