@@ -129,6 +129,7 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        clip_to_box: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one object, or for several boxes at once.
 
@@ -139,6 +140,10 @@ class Predictor:
             mask_input: (1, S/4, S/4) low-res logits from a previous call (or (N, 1, S/4, S/4)).
             multimask_output: return 3 candidates (a single-token model returns 1).
             return_logits: return float logits instead of boolean masks.
+            clip_to_box: with a box, drop every mask pixel outside it (pixel columns floor(x0) ..
+                ceil(x1) and rows floor(y0) .. ceil(y1) are kept; logits outside get the lowest float).
+                The box says where the object is, so a pixel outside it is wrong by definition;
+                off by default, as in SAM. The low-res logits are never clipped.
         Returns:
             masks (K, H, W), scores (K,), low-res logits (K, S/4, S/4); with N > 1 objects (boxes or
             point sets) a leading N axis.
@@ -199,6 +204,8 @@ class Predictor:
             coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits
         )
         masks, iou, low_res = masks.cpu().numpy(), iou.float().cpu().numpy(), low_res.float().cpu().numpy()
+        if clip_to_box and box is not None:
+            masks = clip_masks_to_boxes(masks, boxes)
         if batched:
             return masks, iou, low_res
         return masks[0], iou[0], low_res[0]
@@ -240,3 +247,25 @@ class Predictor:
             )
             outputs.append(logits if return_logits else logits > MASK_THRESHOLD)
         return torch.cat(outputs), iou, low_res
+
+
+def clip_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Zero ``masks`` (N, K, H, W) outside ``boxes`` (N, 4) XYXY (or (1, 4) for every mask).
+
+    Pixel columns floor(x0) .. ceil(x1) and rows floor(y0) .. ceil(y1) (inclusive) are kept, so a tight
+    box from a mask's extreme pixels keeps all of it. Boolean masks get False, float logits the
+    lowest finite value of their dtype. Returns a new array.
+    """
+    masks = np.asarray(masks)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if masks.ndim != 4 or boxes.shape[0] not in (1, masks.shape[0]):
+        raise ValueError(f"masks (N, K, H, W) and boxes (N, 4) expected, got {masks.shape} and {boxes.shape}")
+    h, w = masks.shape[-2:]
+    fill = False if masks.dtype == bool else np.finfo(masks.dtype).min
+    out = np.full_like(masks, fill)
+    for i in range(masks.shape[0]):
+        x0, y0, x1, y1 = boxes[min(i, boxes.shape[0] - 1)]
+        c0, c1 = int(np.clip(np.floor(min(x0, x1)), 0, w)), int(np.clip(np.ceil(max(x0, x1)) + 1, 0, w))
+        r0, r1 = int(np.clip(np.floor(min(y0, y1)), 0, h)), int(np.clip(np.ceil(max(y0, y1)) + 1, 0, h))
+        out[i, :, r0:r1, c0:c1] = masks[i, :, r0:r1, c0:c1]
+    return out

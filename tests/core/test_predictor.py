@@ -169,3 +169,29 @@ def test_allocator_tuning_switch():
     )
     assert on.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
     assert off.stdout.strip() == "False"
+
+
+def test_clip_to_box_keeps_only_pixels_inside_the_box(predictor, image):
+    from rwkvsam_core.predictor import clip_masks_to_boxes
+
+    predictor.set_image(image)
+    box = np.array([10.0, 12.0, 80.0, 60.0])
+    raw, s_raw, low_raw = predictor.predict(box=box)
+    clipped, s_clip, low_clip = predictor.predict(box=box, clip_to_box=True)
+    inside = np.zeros((90, 150), bool)
+    inside[12:61, 10:81] = True  # rows 12..60, columns 10..80 inclusive
+    assert not clipped[:, ~inside].any()
+    assert np.array_equal(clipped[:, inside], raw[:, inside])
+    assert np.array_equal(s_raw, s_clip) and np.array_equal(low_raw, low_clip)
+    # several boxes: each mask is clipped by its own box; logits get the lowest float outside
+    boxes = np.array([[10, 10, 40, 40], [60.5, 20.2, 120.7, 80.1]])
+    logits, _, _ = predictor.predict(box=boxes, return_logits=True, clip_to_box=True)
+    assert (logits[0][:, :, 41:] == np.finfo(np.float32).min).all()
+    assert (logits[1][:, :, :60] == np.finfo(np.float32).min).all()
+    assert (logits[1][:, 20:82, 60:122] > np.finfo(np.float32).min).all()
+    # a mask that fills the image keeps exactly the box's pixels, inverted corners included
+    full = np.ones((1, 1, 9, 9), bool)
+    out = clip_masks_to_boxes(full, np.array([6, 5, 2, 1]))
+    assert out[0, 0].sum() == 5 * 5 and out[0, 0, 1:6, 2:7].all()
+    with pytest.raises(ValueError):
+        clip_masks_to_boxes(full, np.zeros((2, 4)))
