@@ -6,10 +6,17 @@ manifest, opens the sample photograph and measures:
 * the embedding time and the longest gap between ticks of a 5 ms QTimer on the GUI thread while the
   embedding runs in the worker (the longest time the GUI thread was blocked, upper bound);
 * the time from a prompt change (a point added, a box added) to the preview layer updated
-  (the widget's ``preview_updated`` signal, emitted after the layer was refreshed);
+  (the widget's ``preview_updated`` signal, emitted after the layer was refreshed); the GUI thread
+  waits for it in a Qt event loop, idle like a real session (no polling loop competing for the CPU);
+* undo of a commit: time until the label is reverted and the prompts and preview are back;
+* a contrast change: time until the image is embedded again and the preview redrawn (includes the
+  widget's debounce);
 * re-opening the same image: time to "ready" when the embedding comes from the disk cache.
 
-Usage: python benchmarks/bench_napari.py [--model rwkvsam_t] [--size 1024] [--repeats 20]
+The machine's 1-minute load average is printed next to every measurement: on a 2-core machine other
+processes distort every timing, so read the numbers together with it.
+
+Usage: python benchmarks/bench_napari.py [--model rwkvsam_t] [--size 1024] [--repeats 20] [--wait-ms MS]
 Prints a Markdown table for BENCHMARKS.md.
 """
 
@@ -84,6 +91,28 @@ def wait_for(app, predicate, timeout: float) -> None:
         time.sleep(0.001)
 
 
+def load1() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def wait_signal(signal, already: list, timeout_s: float) -> None:
+    """Run a Qt event loop until ``signal`` fires (or ``already`` is non-empty): the GUI thread idles."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    if already:
+        return
+    loop = QEventLoop()
+    signal.connect(loop.quit)
+    QTimer.singleShot(int(timeout_s * 1000), loop.quit)
+    try:
+        if not already:
+            loop.exec()
+    finally:
+        signal.disconnect(loop.quit)
+    if not already:
+        raise TimeoutError("timed out")
+
+
 def summary(values_ms: list[float]) -> str:
     arr = np.asarray(values_ms)
     return f"{np.median(arr):.0f} / {np.percentile(arr, 90):.0f} / {arr.max():.0f}" if len(arr) else "n/a"
@@ -146,6 +175,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--decoder-only", action="store_true", help="no GUI: time the decode path only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for --decoder-only")
+    parser.add_argument(
+        "--wait-ms",
+        type=int,
+        default=None,
+        help="the widget's preview_wait_ms (how long a prompt change waits for its decode; 0 = never)",
+    )
     args = parser.parse_args()
     if args.decoder_only:
         decoder_only(args)
@@ -162,6 +197,7 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_plugin import _engine
+    from napari_plugin._widget import CONTRAST_DEBOUNCE_MS
 
     register_plugin()
     viewer = napari.Viewer(show=True)
@@ -171,6 +207,8 @@ def main() -> None:
     widget.model_combo.setCurrentText(args.model)
     widget.size_combo.setCurrentText(str(args.size))
     widget.device_combo.setCurrentText("cpu")
+    if args.wait_ms is not None:
+        widget.preview_wait_ms = args.wait_ms
 
     # the model is built once (not part of the embedding timing)
     t = time.perf_counter()
@@ -196,6 +234,7 @@ def main() -> None:
     idle_gaps = np.diff([tb, *ticks]) * 1000
 
     # ---- embedding: GUI-thread responsiveness while the worker computes it
+    loads = {"idle": load1()}
     tc = time.perf_counter()
     viewer.open_sample("rwkvsam", "coffee")  # GUI work: the image layer + the widget's 3 layers
     t0 = time.perf_counter()
@@ -214,6 +253,7 @@ def main() -> None:
     # list icons): GUI work of opening an image, measured again below without any embedding
     first_redraw = float(gaps[0])
     longest_after = float(gaps[1:].max()) if len(gaps) > 1 else float("nan")
+    loads["embedding"] = load1()
     wait_for(app, lambda: widget.is_ready, 60)
 
     # reference: the first redraw after opening an image with no embedding at all
@@ -247,22 +287,30 @@ def main() -> None:
 
     widget._segmenter.predict = timed_predict
 
+    def settle() -> None:
+        """Clear the prompts and let napari finish redrawing before the next prompt."""
+        widget.clear()
+        wait_for(app, lambda: not widget.is_decoding, 60)
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
     def measure(change) -> float:
         updated.clear()
         start = time.perf_counter()
-        change()
-        wait_for(app, lambda: bool(updated), 60)
+        change()  # may already draw the preview (the widget waits up to preview_wait_ms for it)
+        wait_signal(widget.preview_updated, updated, 60)
         return (updated[0] - start) * 1000
 
     point_ms, box_ms, boxes3_ms = [], [], []
     for _ in range(args.repeats):
-        widget.clear()
-        app.processEvents()
+        settle()
         y, x = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
         point_ms.append(measure(lambda y=y, x=x: widget.points_layer.add([y, x])))
+    loads["point"] = load1()
     for _ in range(args.repeats):
-        widget.clear()
-        app.processEvents()
+        settle()
         r0, c0 = rng.uniform(0, 0.5) * h, rng.uniform(0, 0.5) * w
         box_ms.append(
             measure(
@@ -271,15 +319,47 @@ def main() -> None:
                 )
             )
         )
+    loads["box"] = load1()
     decode_single = list(decode_ms)
     decode_ms.clear()
     for _ in range(max(3, args.repeats // 4)):
-        widget.clear()
-        app.processEvents()
+        settle()
         rects = [np.array([[r, c], [r + 80, c + 120]]) for r, c in ((20, 30), (150, 200), (260, 400))]
         boxes3_ms.append(measure(lambda rects=rects: widget.boxes_layer.add_rectangles(rects)))
+    loads["boxes3"] = load1()
     decode_three = list(decode_ms)
+
+    # ---- undo: the label goes, the prompts and the preview come back (no decode needed)
+    undo_ms = []
+    for _ in range(max(3, args.repeats // 4)):
+        settle()
+        measure(lambda: widget.boxes_layer.add_rectangles(np.array([[60.0, 150.0], [260.0, 420.0]])))
+        widget.points_layer.add([150.0, 280.0])
+        wait_for(app, lambda: not widget.is_decoding, 60)
+        widget.commit()
+        app.processEvents()
+        start = time.perf_counter()
+        widget.undo()
+        undo_ms.append((time.perf_counter() - start) * 1000)
+        assert len(widget.boxes_layer.data) == 1 and widget.preview_layer.data.any()
+    loads["undo"] = load1()
+
+    # ---- contrast change -> embedded again -> preview redrawn (float copy of the sample, grey)
+    settle()
+    grey = viewer.add_image(viewer.layers["coffee"].data.mean(axis=2).astype(np.float32), name="grey")
+    widget.image_combo.setCurrentIndex(widget.image_combo.count() - 1)
+    wait_for(app, lambda: widget.is_ready, 600)
+    measure(lambda: widget.boxes_layer.add_rectangles(np.array([[60.0, 150.0], [260.0, 420.0]])))
+    contrast_ms = []
+    for hi in (200.0, 180.0):
+        updated.clear()
+        start = time.perf_counter()
+        grey.contrast_limits = (0.0, hi)
+        wait_signal(widget.preview_updated, updated, 600)
+        contrast_ms.append((time.perf_counter() - start) * 1000)
+    loads["contrast"] = load1()
     widget.clear()
+    viewer.layers.remove(grey)
 
     # ---- re-open the same image: embedding from the disk cache (fresh cache object, widget copy dropped)
     _engine._CACHE = None
@@ -291,6 +371,7 @@ def main() -> None:
     wait_for(app, lambda: widget.is_ready, 600)
     reopen_ms = (time.perf_counter() - t2) * 1000
     disk_hits = _engine.embedding_cache().disk_hits
+    loads["reopen"] = load1()
 
     load = os.getloadavg()
     print(f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -298,41 +379,58 @@ def main() -> None:
         f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), napari {napari.__version__}, Qt platform xcb on Xvfb"
     )
-    print(f"load average during the run (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    print(f"load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     print(
         f"model: {args.model} (random weights), input {args.size}, image 400x600 RGB (sample), "
-        f"model build {build_s:.1f} s (once, not counted below)"
+        f"model build {build_s:.1f} s (once, not counted below), preview_wait_ms {widget.preview_wait_ms}"
     )
     print()
-    print("| measurement | value | target |")
-    print("|---|---|---|")
-    print(f"| embedding, worker thread | {embed_s:.1f} s | - |")
+    print("| measurement | value | target | load (1 min) |")
+    print("|---|---|---|---|")
+    print(f"| embedding, worker thread | {embed_s:.1f} s | - | {loads['embedding']} |")
     print(
         f"| longest GUI-thread block during the embedding (5 ms timer gap) | {longest_gap:.0f} ms "
-        f"(p99 {gap_p99:.0f} ms, {len(gaps)} gaps) | <= 100 ms |"
+        f"(p99 {gap_p99:.0f} ms, {len(gaps)} gaps) | <= 100 ms | {loads['embedding']} |"
     )
     print(
         f"| ... of which the first redraw after opening the image / longest gap after it | "
-        f"{first_redraw:.0f} / {longest_after:.0f} ms | - |"
+        f"{first_redraw:.0f} / {longest_after:.0f} ms | - | {loads['embedding']} |"
     )
-    print(f"| first redraw after opening the image, no embedding (reference) | {redraw_ref:.0f} ms | - |")
+    print(f"| first redraw after opening the image, no embedding (reference) | {redraw_ref:.0f} ms | - | |")
     print(
         f"| same probe with the GUI idle, no embedding (machine-load baseline) | {idle_gaps.max():.0f} ms "
-        f"(p99 {np.percentile(idle_gaps, 99):.0f} ms) | - |"
+        f"(p99 {np.percentile(idle_gaps, 99):.0f} ms) | - | {loads['idle']} |"
     )
     print(
-        f"| opening the image (napari adds it + the widget's 3 layers, GUI thread) | {open_ms:.0f} ms | - |"
+        f"| opening the image (napari adds it + the widget's 3 layers, GUI thread) | {open_ms:.0f} ms | - | |"
     )
-    print(f"| point added -> preview updated, median / p90 / max | {summary(point_ms)} ms | <= 200 ms |")
-    print(f"| box added -> preview updated, median / p90 / max | {summary(box_ms)} ms | <= 200 ms |")
-    print(f"| 3 boxes added -> preview updated (one batched decoder pass) | {summary(boxes3_ms)} ms | - |")
+    print(
+        f"| point added -> preview updated, median / p90 / max | {summary(point_ms)} ms | <= 200 ms | "
+        f"{loads['point']} |"
+    )
+    print(
+        f"| box added -> preview updated, median / p90 / max | {summary(box_ms)} ms | <= 200 ms | {loads['box']} |"
+    )
+    print(
+        f"| 3 boxes added -> preview updated (one batched decoder pass) | {summary(boxes3_ms)} ms | - | "
+        f"{loads['boxes3']} |"
+    )
     print(
         f"| of which decoder + mask upsampling (1 object / 3 objects), median | "
-        f"{statistics.median(decode_single):.0f} / {statistics.median(decode_three):.0f} ms | - |"
+        f"{statistics.median(decode_single):.0f} / {statistics.median(decode_three):.0f} ms | - | |"
+    )
+    print(
+        f"| undo: label reverted, prompts and preview back, median / p90 / max | {summary(undo_ms)} ms | - | "
+        f"{loads['undo']} |"
+    )
+    print(
+        f"| contrast limits changed -> embedded again -> preview redrawn (incl. "
+        f"{CONTRAST_DEBOUNCE_MS} ms debounce) | {' / '.join(f'{v / 1000:.1f}' for v in contrast_ms)} s | - | "
+        f"{loads['contrast']} |"
     )
     print(
         f"| re-open the same image, ready from the disk cache | {reopen_ms:.0f} ms (disk hits: {disk_hits}) | "
-        "instant |"
+        f"instant | {loads['reopen']} |"
     )
 
     widget.shutdown()

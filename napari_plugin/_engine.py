@@ -3,9 +3,10 @@
 Everything that touches torch or ``rwkvsam_core`` lives here and is imported lazily by the widget
 (napari imports the widget module when the Plugins menu opens; torch must not be imported then).
 
-Threading: :func:`compute_features` runs in a worker thread (one at a time); :class:`Segmenter`
-decodes on the GUI thread from features handed over by the worker. They never share a Predictor,
-only the (stateless) model.
+Threading: :func:`compute_features` runs in an embedding worker thread (one at a time, cancellable
+between encoder blocks); :class:`Segmenter` decodes in one persistent :class:`LatestJobThread` (the
+live preview) or on the GUI thread (explicit actions), from features handed over by the embedding
+worker. They never share a Predictor, only the (stateless) model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,10 @@ def default_cache_dir() -> Path:
         return Path(user_cache_dir("rwkvsam")) / "embeddings"
     except ImportError:
         return Path.home() / ".cache" / "rwkvsam" / "embeddings"
+
+
+class EmbeddingCancelled(Exception):  # noqa: N818 (not an error: the job was stopped on purpose)
+    """Raised inside :func:`compute_features` when its ``cancelled`` callback turns true."""
 
 
 _MODELS: OrderedDict[ModelSpec, object] = OrderedDict()
@@ -106,6 +113,7 @@ def load_model(spec: ModelSpec):
         device=resolve_device(spec.device),
         image_size=spec.image_size,
     )
+    _install_cancel_points(model)
     with _LOCK:
         _MODELS[spec] = model
         while len(_MODELS) > _MODELS_MAX:
@@ -113,18 +121,122 @@ def load_model(spec: ModelSpec):
     return model
 
 
-def compute_features(spec: ModelSpec, plane: np.ndarray, contrast_limits: tuple[float, float] | None):
+# --------------------------------------------------------------------------- cancellable embeddings
+# The encoder is one long call into torch. To stop a stale embedding early, every encoder submodule
+# gets a forward pre-hook that asks the calling thread's ``cancelled`` callback (if it set one) and
+# raises EmbeddingCancelled. Decoding threads set no callback, so the hooks never stop a decode.
+_THREAD_STATE = threading.local()
+_HOOKED: weakref.WeakSet = weakref.WeakSet()
+_DECODER_PARTS = ("prompt_encoder", "mask_decoder")
+
+
+def _cancel_point(module, args) -> None:
+    check = getattr(_THREAD_STATE, "cancelled", None)
+    if check is not None and check():
+        raise EmbeddingCancelled("stale embedding stopped")
+
+
+def _install_cancel_points(model) -> None:
+    """Add the cancellation pre-hook to every encoder submodule of ``model`` (once per model)."""
+    with _LOCK:
+        if model in _HOOKED:
+            return
+        for name, module in model.named_modules():
+            if name and name.split(".")[0] not in _DECODER_PARTS:
+                module.register_forward_pre_hook(_cancel_point)
+        _HOOKED.add(model)
+
+
+def compute_features(
+    spec: ModelSpec,
+    plane: np.ndarray,
+    contrast_limits: tuple[float, float] | None,
+    cancelled: Callable[[], bool] | None = None,
+):
     """Features of one 2-D plane (``(H, W)`` or ``(H, W, C)``, any dtype), through the embedding cache.
 
     Runs in a worker thread. Returns ``rwkvsam_core.ImageFeatures`` (on the model's device).
+
+    Args:
+        cancelled: polled before every encoder block; when it returns True the computation stops with
+            :class:`EmbeddingCancelled` (nothing is cached).
     """
     from rwkvsam_core import Predictor, to_rgb_uint8
 
     model = load_model(spec)
     rgb = to_rgb_uint8(np.asarray(plane), contrast_limits)
     predictor = Predictor(model, cache=embedding_cache())
-    predictor.set_image(rgb)
+    previous = getattr(_THREAD_STATE, "cancelled", None)
+    _THREAD_STATE.cancelled = cancelled
+    try:
+        if cancelled is not None and cancelled():
+            raise EmbeddingCancelled("stale embedding stopped")
+        predictor.set_image(rgb)
+    finally:
+        _THREAD_STATE.cancelled = previous
     return predictor.get_features()
+
+
+# ------------------------------------------------------------------------------- preview decoding
+class LatestJobThread:
+    """One persistent thread that runs submitted jobs, newest first: a job still waiting when a newer
+    one arrives is dropped (only the latest prompts matter for a preview).
+
+    The thread lives as long as the widget, so torch's per-thread state (the OpenMP thread team that
+    serves the calling thread) is created once instead of once per decode. It runs at normal priority:
+    a decode is interactive work (the embedding worker is the one that runs at lower priority).
+    Jobs take no arguments and deliver their own results (they must not raise).
+    """
+
+    def __init__(self, name: str = "rwkvsam-decode") -> None:
+        self._cond = threading.Condition()
+        self._job: Callable[[], None] | None = None
+        self._running = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Queue ``job``; returns True if it replaced a job that had not started yet."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the decode thread was closed")
+            dropped = self._job is not None
+            self._job = job
+            self._cond.notify()
+            return dropped
+
+    @property
+    def busy(self) -> bool:
+        """True while a job waits or runs."""
+        with self._cond:
+            return self._running or self._job is not None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drop a waiting job, let a running one finish, end the thread (join up to ``timeout`` s)."""
+        with self._cond:
+            self._closed = True
+            self._job = None
+            self._cond.notify()
+        if timeout is None or timeout > 0:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job, self._job = self._job, None
+                self._running = True
+            try:
+                job()
+            except Exception:  # a job must deliver its own errors; never let the thread die
+                logger.exception("RWKV-SAM: a background decode failed")
+            finally:
+                with self._cond:
+                    self._running = False
 
 
 class Segmenter:

@@ -3,7 +3,9 @@
 The widget is thin: prompts are read from napari's own Points / Shapes layers and turned into SAM
 prompts by the pure functions of :mod:`napari_plugin._conversion`; embeddings are computed by a
 worker thread (:mod:`napari_plugin._engine`, imported lazily so torch is not imported with this
-module); the decoder runs on the GUI thread (tens of milliseconds) so the preview follows the prompts.
+module), again automatically when the image's contrast limits settle on new values; the live preview
+is decoded in one persistent decode thread (only the latest prompts are decoded) and drawn on the GUI
+thread.
 
 Layers it manages (created on demand, shaped like the image's spatial axes, same scale/translate):
 
@@ -13,8 +15,9 @@ Layers it manages (created on demand, shaped like the image's spatial axes, same
 * ``RWKV-SAM preview``: the current prediction;
 * ``committed``: committed objects, one new label id each.
 
-Keys (on the viewer): Shift-S embed, Shift-C commit, Shift-X clear, Shift-U undo, Shift-M next mask,
-Shift-N toggle negative points, Shift-B segment all boxes.
+Keys (on the viewer): Shift-S embed, Shift-C commit, Shift-X clear, Shift-U undo (the label goes, the
+prompts and the preview that made it come back), Shift-M next mask, Shift-N toggle negative points,
+Shift-B segment all boxes.
 """
 
 from __future__ import annotations
@@ -92,6 +95,12 @@ KEYS = {
     "toggle_negative": "Shift-N",
     "segment_all_boxes": "Shift-B",
 }
+CONTRAST_DEBOUNCE_MS = 400  # contrast limits must rest this long before the image is embedded again
+# How long a prompt change may hold the GUI thread waiting for its decode. On a small CPU the decode
+# and napari's redraw of the canvas slow each other down when they overlap; waiting (the decode runs
+# in the decode thread meanwhile) lets the decode finish first and draws the prompt and its preview in
+# one redraw. A longer decode (many boxes, a slow machine) is not waited for: it arrives later.
+PREVIEW_WAIT_MS = 250
 
 
 def _guarded(func):
@@ -129,7 +138,24 @@ class _EmbedKey:
     layer_id: int
     slice_index: SliceIndex
     data_version: int
-    contrast_version: int
+    contrast_version: int  # bumped by the Embed action (forces a new embedding)
+    contrast: tuple[float, float] | None  # limits the plane is normalised with (None: uint8 RGB as is)
+
+
+@dataclass
+class _UndoEntry:
+    """One commit: what it changed in the labels and the prompts and preview that produced it."""
+
+    layer: Labels
+    record: CommitRecord
+    image_id: int
+    points: np.ndarray  # (M, D) the slice's points, in layer order
+    point_labels: np.ndarray  # (M,)
+    boxes: list[np.ndarray]  # vertices of the slice's shapes
+    box_types: list[str]
+    key: _EmbedKey | None  # the embedding the prediction was decoded from
+    prediction: _Prediction | None  # None: decode again after the undo
+    choice: int | None
 
 
 class RWKVSAMWidget(QWidget):
@@ -142,6 +168,8 @@ class RWKVSAMWidget(QWidget):
     preview_updated = Signal()
     embedding_ready = Signal()
     committed = Signal(list)
+    undone = Signal(list)
+    _decoded = Signal(object)  # emitted by the decode thread, delivered on the GUI thread
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
@@ -153,13 +181,16 @@ class RWKVSAMWidget(QWidget):
         self._committed: Labels | None = None
         self._data_versions: dict[int, int] = {}
         self._contrast_version = 0
+        self._settled_contrast: dict[int, tuple[float, float] | None] = {}
         self._features: OrderedDict[_EmbedKey, Any] = OrderedDict()
         self._active_key: _EmbedKey | None = None
         self._segmenter = None
         self._active_features = None
-        self._decoder = None  # the running preview-decode worker
-        self._decode_dirty = False
+        self._decode_thread = None  # _engine.LatestJobThread, started with the first decode
+        self._decode_seq = 0
+        self._decode_pending: int | None = None  # id of the latest decode request not answered yet
         self._worker = None
+        self._worker_cancel: threading.Event | None = None
         self._worker_key: _EmbedKey | None = None
         self._pending_key: _EmbedKey | None = None
         self._failed_key: _EmbedKey | None = None
@@ -167,15 +198,22 @@ class RWKVSAMWidget(QWidget):
         self._prediction: _Prediction | None = None
         self._choice: int | None = None
         self._preview_slice: SliceIndex | None = None
-        self._undo: list[tuple[Labels, CommitRecord]] = []
+        self._undo: list[_UndoEntry] = []
+        self._editing_prompts = 0
+        self.preview_wait_ms = PREVIEW_WAIT_MS
         self._last_note = ""
         self._closed = False
 
         self._build_ui()
         self._preview_timer = QTimer(self)
         self._preview_timer.setSingleShot(True)
-        self._preview_timer.setInterval(10)
+        self._preview_timer.setInterval(0)  # next event-loop turn: a burst of layer events decodes once
         self._preview_timer.timeout.connect(self._update_preview)
+        self._contrast_timer = QTimer(self)
+        self._contrast_timer.setSingleShot(True)
+        self._contrast_timer.setInterval(CONTRAST_DEBOUNCE_MS)
+        self._contrast_timer.timeout.connect(self._on_contrast_settled)
+        self._decoded.connect(self._on_decoded)
         self._elapsed_timer = QTimer(self)
         self._elapsed_timer.setInterval(200)
         self._elapsed_timer.timeout.connect(self._show_elapsed)
@@ -316,10 +354,15 @@ class RWKVSAMWidget(QWidget):
             return
         self._closed = True
         self._preview_timer.stop()
+        self._contrast_timer.stop()
         self._elapsed_timer.stop()
         self._pending_key = None
-        if self._worker is not None:
-            self._worker.quit()
+        self._decode_pending = None
+        if self._decode_thread is not None:
+            self._decode_thread.close(timeout=0)  # a running decode ends on its own; its result is dropped
+        self._cancel_worker()
+        if self._image_layer is not None:
+            self._disconnect_image(self._image_layer)
         for emitter, slot in (
             (self.viewer.layers.events.inserted, self._on_layers_changed),
             (self.viewer.layers.events.removed, self._on_layers_changed),
@@ -408,7 +451,8 @@ class RWKVSAMWidget(QWidget):
         if old is layer:
             return
         if old is not None:
-            old.events.data.disconnect(self._on_image_data)
+            self._disconnect_image(old)
+        self._contrast_timer.stop()
         self._image_layer = layer
         self._prediction = None
         if layer is None:
@@ -416,11 +460,17 @@ class RWKVSAMWidget(QWidget):
             self._request_embedding()
             return
         layer.events.data.connect(self._on_image_data)
+        layer.events.contrast_limits.connect(self._on_contrast_changed)
+        self._settled_contrast[id(layer)] = self._layer_contrast(layer)
         self._ensure_prompt_layers()
         self._set_status(f"image: {layer.name}")
         if self.auto_embed_check.isChecked():
             self._request_embedding()
         self._schedule_preview()
+
+    def _disconnect_image(self, layer: Image) -> None:
+        layer.events.data.disconnect(self._on_image_data)
+        layer.events.contrast_limits.disconnect(self._on_contrast_changed)
 
     def _spatial(self, layer: Image) -> tuple[int, ...]:
         data = layer.data[0] if layer.multiscale else layer.data
@@ -547,19 +597,54 @@ class RWKVSAMWidget(QWidget):
         layer = self._image_layer
         if layer is None or layer not in self.viewer.layers:
             return None
+        if id(layer) not in self._settled_contrast:
+            self._settled_contrast[id(layer)] = self._layer_contrast(layer)
         return _EmbedKey(
             self._model_spec(),
             id(layer),
             self._current_slice(),
             self._data_versions.get(id(layer), 0),
             self._contrast_version,
+            self._settled_contrast[id(layer)],
         )
+
+    @staticmethod
+    def _layer_contrast(layer: Image) -> tuple[float, float] | None:
+        """The limits the embedding normalises the plane with; None for uint8 RGB (used as is)."""
+        data = layer.data[0] if layer.multiscale else layer.data
+        if layer.rgb and data.dtype == np.uint8:
+            return None  # napari shows uint8 RGB as is
+        return tuple(float(v) for v in layer.contrast_limits)
+
+    def _on_contrast_changed(self, event=None) -> None:
+        """Contrast limits moved: embed again once they have rested (a dragged slider embeds once)."""
+        if self._closed or self._image_layer is None:
+            return
+        self._contrast_timer.start()  # restarts the debounce
+
+    @_guarded
+    def _on_contrast_settled(self) -> None:
+        layer = self._image_layer
+        if self._closed or layer is None:
+            return
+        contrast = self._layer_contrast(layer)
+        if contrast == self._settled_contrast.get(id(layer)):
+            return
+        self._settled_contrast[id(layer)] = contrast
+        if self.auto_embed_check.isChecked() or self._has_prompts():
+            self._request_embedding()  # cancels an embedding for older limits
+        else:
+            self._active_key = None
+        self._schedule_preview()
 
     @_guarded
     def embed(self) -> None:
         """Compute (again) the embedding of the current slice with the layer's current contrast limits."""
-        if self._image_layer is None:
+        layer = self._image_layer
+        if layer is None:
             raise PromptError("no image layer: open or add an image first")
+        self._contrast_timer.stop()
+        self._settled_contrast[id(layer)] = self._layer_contrast(layer)
         self._contrast_version += 1
         self._request_embedding(force=True)
 
@@ -581,24 +666,25 @@ class RWKVSAMWidget(QWidget):
             if self._worker_key == key:
                 return
             self._pending_key = key
-            self._worker.quit()  # a stale job: it stops at its next step, its result is ignored
+            self._cancel_worker()  # a stale job: it stops at its next encoder block, its result is ignored
             return
         self._start_worker(key)
+
+    def _cancel_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+        if self._worker_cancel is not None:
+            self._worker_cancel.set()
 
     def _start_worker(self, key: _EmbedKey) -> None:
         from superqt.utils import create_worker  # napari's own wrapper adds a traceback notification
 
-        layer = self._image_layer
-        data = layer.data
-        contrast = tuple(float(v) for v in layer.contrast_limits)
-        if layer.rgb and (data[0] if layer.multiscale else data).dtype == np.uint8:
-            contrast = None  # napari shows uint8 RGB as is
+        cancel = threading.Event()
         worker = create_worker(
             _embedding_job,
             key,
-            data,
-            key.slice_index,
-            contrast,
+            self._image_layer.data,
+            cancel,
             _start_thread=False,
             _connect={
                 "returned": self._on_worker_returned,
@@ -608,6 +694,7 @@ class RWKVSAMWidget(QWidget):
             },
         )
         self._worker, self._worker_key, self._pending_key = worker, key, None
+        self._worker_cancel = cancel
         self._worker_started = time.perf_counter()
         self.progress.setRange(0, 0)
         self._elapsed_timer.start()
@@ -625,6 +712,8 @@ class RWKVSAMWidget(QWidget):
         )
 
     def _on_worker_returned(self, result) -> None:
+        if result is None:  # cancelled: a newer request replaced it
+            return
         key, features = result
         self._failed_key = None
         self._features[key] = features
@@ -639,7 +728,7 @@ class RWKVSAMWidget(QWidget):
         key = self._worker_key
         self._failed_key = key
         logger.error("RWKV-SAM embedding failed: %s", err)
-        what = f"{type(err).__name__}: {err}"
+        what = str(err) if isinstance(err, EmbeddingError) else f"{type(err).__name__}: {err}"
         self._set_status(f"embedding failed: {what}")
         if key is not None and self._pending_key is None:
             show_error(f"RWKV-SAM: could not compute the embedding with {key.spec.label()}: {what}")
@@ -653,7 +742,7 @@ class RWKVSAMWidget(QWidget):
             logger.warning("during the embedding: %s", message)
 
     def _on_worker_finished(self) -> None:
-        self._worker, self._worker_key = None, None
+        self._worker, self._worker_key, self._worker_cancel = None, None, None
         self._elapsed_timer.stop()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
@@ -706,6 +795,8 @@ class RWKVSAMWidget(QWidget):
         if layer is None:
             return
         self._data_versions[id(layer)] = self._data_versions.get(id(layer), 0) + 1
+        self._contrast_timer.stop()  # new data: embed it with the limits it has now
+        self._settled_contrast[id(layer)] = self._layer_contrast(layer)
         if self.auto_embed_check.isChecked():
             self._request_embedding()
 
@@ -736,11 +827,30 @@ class RWKVSAMWidget(QWidget):
         )
 
     def _on_prompts_changed(self, event=None) -> None:
+        """A prompt was added, moved or removed: decode at once.
+
+        The decode is submitted from inside the layer's event, before napari redraws the canvas, so
+        the decoder does not wait for that redraw. Edits made by the widget itself (clear, undo) are
+        decoded once, after the last of them.
+        """
         action = getattr(event, "action", None)
         if action is not None and str(action).endswith("ing"):  # adding/removing/changing: not yet done
             return
         self._choice = None
-        self._schedule_preview()
+        if self._editing_prompts:
+            self._schedule_preview()
+        else:
+            self._preview_timer.stop()
+            self._update_preview()
+
+    @contextlib.contextmanager
+    def _widget_edits(self):
+        """Prompt edits made by the widget: one preview update afterwards instead of one per edit."""
+        self._editing_prompts += 1
+        try:
+            yield
+        finally:
+            self._editing_prompts -= 1
 
     def _schedule_preview(self, *args) -> None:
         if not self._closed:
@@ -783,10 +893,10 @@ class RWKVSAMWidget(QWidget):
 
     @_guarded
     def _update_preview(self) -> None:
-        """Decode the prompts of the current slice in a worker and draw the preview when it returns.
+        """Decode the prompts of the current slice in the decode thread; draw the preview when it returns.
 
-        One decode runs at a time; prompt changes meanwhile mark the preview dirty and the latest
-        prompts are decoded as soon as the running decode returns.
+        Only the latest prompts count: a request still waiting when newer prompts arrive is dropped,
+        and an answer to an older request is not drawn.
         """
         if self._image_layer is None or self._closed:
             return
@@ -797,56 +907,64 @@ class RWKVSAMWidget(QWidget):
             return
         key, batch, signature = self._current_batch()
         if batch.num_objects == 0:
+            self._decode_pending = None
             self._prediction = None
             self._render_prediction()
             return
         if self._prediction is not None and self._prediction.signature == signature:
+            self._decode_pending = None
             self._render_prediction()
             return
-        if self._decoder is not None:
-            self._decode_dirty = True
+        self._submit_decode(key, batch, signature)
+
+    def _submit_decode(self, key: _EmbedKey, batch: PromptBatch, signature: tuple) -> None:
+        from ._engine import LatestJobThread
+
+        if self._decode_thread is None:
+            self._decode_thread = LatestJobThread()
+        self._decode_seq += 1
+        request = self._decode_seq
+        self._decode_pending = request
+        segmenter, features = self._segmenter, self._active_features
+        multimask = self.multimask_check.isChecked()
+        deliver = self._decoded.emit
+        done = threading.Event()
+        answer: list[tuple] = []
+
+        def job() -> None:  # runs in the decode thread
+            try:
+                out = segmenter.predict(features, batch, multimask=multimask)
+            except Exception as err:  # handed to the GUI thread, shown there
+                out = err
+            answer.append((request, key, batch, signature, out))
+            done.set()
+            with contextlib.suppress(RuntimeError):  # the widget was deleted meanwhile
+                deliver(answer[0])
+
+        self._decode_thread.submit(job)
+        if self.preview_wait_ms > 0 and done.wait(self.preview_wait_ms / 1000):
+            self._on_decoded(answer[0])  # the queued copy of this answer is then ignored
+
+    def _on_decoded(self, answer: tuple) -> None:
+        request, key, batch, signature, out = answer
+        if self._closed or request != self._decode_pending:
+            return  # an answer to prompts that changed since: a newer request is on its way
+        self._decode_pending = None
+        if key != self._active_key:
             return
-        self._start_decode(key, batch, signature)
-
-    def _start_decode(self, key: _EmbedKey, batch: PromptBatch, signature: tuple) -> None:
-        from superqt.utils import create_worker
-
-        self._decode_dirty = False
-        self._decoder = create_worker(
-            _decode_job,
-            self._segmenter,
-            self._active_features,
-            batch,
-            self.multimask_check.isChecked(),
-            _start_thread=True,
-            _connect={
-                "returned": lambda out, k=key, b=batch, sig=signature: self._on_decoded(k, b, sig, out),
-                "errored": self._on_decode_errored,
-                "finished": self._on_decode_finished,
-            },
-        )
-
-    def _on_decoded(self, key: _EmbedKey, batch: PromptBatch, signature: tuple, out) -> None:
-        if self._closed or key != self._active_key:
+        if isinstance(out, Exception):
+            logger.error("RWKV-SAM decoding failed: %s", out)
+            self._set_status(f"prediction failed: {type(out).__name__}: {out}")
+            show_error(f"RWKV-SAM: prediction failed: {type(out).__name__}: {out}")
             return
         masks, scores = out
         self._prediction = _Prediction(key.slice_index, batch, masks, scores, signature)
-        if not self._decode_dirty:
-            self._render_prediction()
-
-    def _on_decode_errored(self, err: Exception) -> None:
-        logger.error("RWKV-SAM decoding failed: %s", err)
-        self._set_status(f"prediction failed: {type(err).__name__}: {err}")
-        show_error(f"RWKV-SAM: prediction failed: {type(err).__name__}: {err}")
-
-    def _on_decode_finished(self) -> None:
-        self._decoder = None
-        if self._decode_dirty and not self._closed:
-            self._update_preview()
+        self._render_prediction()
 
     @property
     def is_decoding(self) -> bool:
-        return self._decoder is not None
+        """True while the preview waits for a decode of the current prompts."""
+        return self._decode_pending is not None
 
     def _chosen_masks(self) -> np.ndarray | None:
         """``(N, H, W)`` masks of the current prediction after the candidate choice and box clipping."""
@@ -877,7 +995,7 @@ class RWKVSAMWidget(QWidget):
             self._show_scores()
         else:
             self.scores_label.setText("")
-        preview.refresh()
+        preview.refresh(extent=False, highlight=False)  # same shape: no extent or dims update
         self.preview_updated.emit()
 
     def _show_scores(self) -> None:
@@ -926,6 +1044,7 @@ class RWKVSAMWidget(QWidget):
                 self._active_features, batch, multimask=self.multimask_check.isChecked()
             )
             self._prediction = pred = _Prediction(key.slice_index, batch, masks, scores, signature)
+            self._decode_pending = None  # this answer is newer than any decode still in flight
             self._render_prediction()
         return pred
 
@@ -933,20 +1052,42 @@ class RWKVSAMWidget(QWidget):
     def commit(self) -> list[int]:
         """Write the preview into the committed Labels layer (one new id per object), clear the prompts.
 
+        Undo brings the prompts and this preview back.
+
         Returns:
             The label ids given to the committed objects.
         """
         pred = self._require_current_prediction()
-        return self._commit_masks(pred.slice_index, self._chosen_masks(), clear_points=True)
+        return self._commit_masks(pred.slice_index, self._chosen_masks(), clear_points=True, prediction=pred)
 
-    def _commit_masks(self, slice_index: SliceIndex, masks: np.ndarray, clear_points: bool) -> list[int]:
+    def _commit_masks(
+        self,
+        slice_index: SliceIndex,
+        masks: np.ndarray,
+        clear_points: bool,
+        prediction: _Prediction | None = None,
+    ) -> list[int]:
         shape = self._spatial(self._image_layer)
         layer = self._ensure_committed(shape)
         record = commit_masks(layer.data, slice_index, masks, overwrite=self.overwrite_check.isChecked())
         if not record.label_ids:
             raise PromptError("the mask is empty or covers only existing labels: nothing committed")
-        self._undo.append((layer, record))
         layer.refresh()
+        points, labels, boxes, box_types = self._slice_prompts(slice_index, points=clear_points)
+        self._undo.append(
+            _UndoEntry(
+                layer,
+                record,
+                id(self._image_layer),
+                points,
+                labels,
+                boxes,
+                box_types,
+                self._active_key if prediction is not None else None,
+                prediction,
+                self._choice if prediction is not None else None,
+            )
+        )
         self._clear_slice(slice_index, points=clear_points, boxes=True)
         ids = ", ".join(str(i) for i in record.label_ids)
         self._set_status(f"committed label {ids} ({KEYS['undo']} undoes)")
@@ -972,29 +1113,63 @@ class RWKVSAMWidget(QWidget):
             chosen = clip_masks_to_boxes(chosen, batch.boxes)
         return self._commit_masks(key.slice_index, chosen, clear_points=False)
 
-    def _clear_slice(self, slice_index: SliceIndex, points: bool = True, boxes: bool = True) -> None:
-        """Remove the prompts lying on ``slice_index`` (all of them for a 2-D image)."""
+    def _on_slice_masks(self, slice_index: SliceIndex) -> tuple[np.ndarray, list[bool]]:
+        """Which points (bool array) and which shapes (list) lie on ``slice_index``."""
         lead = len(slice_index)
-        if points and self._points is not None and len(self._points.data):
+        on_points = np.zeros(0, dtype=bool)
+        if self._points is not None:
             data = self._points.data
-            on = (
+            on_points = (
                 np.all(np.rint(data[:, :lead]) == np.asarray(slice_index), axis=1)
                 if lead
                 else np.ones(len(data), bool)
             )
-            if on.any():
-                self._points.selected_data = set(np.flatnonzero(on).tolist())
-                self._points.remove_selected()
-        if boxes and self._boxes is not None and len(self._boxes.data):
-            on = [
+        on_boxes = []
+        if self._boxes is not None:
+            on_boxes = [
                 (not lead) or bool(np.all(np.rint(v[0, :lead]) == np.asarray(slice_index)))
                 for v in self._boxes.data
             ]
-            if any(on):
-                self._boxes.selected_data = {i for i, flag in enumerate(on) if flag}
+        return on_points, on_boxes
+
+    def _slice_prompts(
+        self, slice_index: SliceIndex, points: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[str]]:
+        """Copies of the prompts on ``slice_index``: points, their labels, shape vertices, shape types."""
+        on_points, on_boxes = self._on_slice_masks(slice_index)
+        ndim = len(self._spatial(self._image_layer))
+        coords, labels = np.zeros((0, ndim)), np.zeros(0, dtype=np.int64)
+        if points and on_points.any():
+            coords = np.array(self._points.data[on_points], copy=True)
+            if "label" in self._points.features:
+                labels = self._points.features["label"].to_numpy()[on_points].astype(np.int64)
+            else:
+                labels = np.ones(len(coords), dtype=np.int64)
+        boxes: list[np.ndarray] = []
+        types: list[str] = []
+        if self._boxes is not None:
+            for verts, kind, on in zip(self._boxes.data, self._boxes.shape_type, on_boxes, strict=True):
+                if on:
+                    boxes.append(np.array(verts, copy=True))
+                    types.append(kind)
+        return coords, labels, boxes, types
+
+    def _remove_slice_prompts(self, slice_index: SliceIndex, points: bool = True, boxes: bool = True) -> None:
+        on_points, on_boxes = self._on_slice_masks(slice_index)
+        with self._widget_edits():
+            if points and on_points.any():
+                self._points.selected_data = set(np.flatnonzero(on_points).tolist())
+                self._points.remove_selected()
+            if boxes and any(on_boxes):
+                self._boxes.selected_data = {i for i, flag in enumerate(on_boxes) if flag}
                 self._boxes.remove_selected()
+
+    def _clear_slice(self, slice_index: SliceIndex, points: bool = True, boxes: bool = True) -> None:
+        """Remove the prompts lying on ``slice_index`` (all of them for a 2-D image) and the preview."""
+        self._remove_slice_prompts(slice_index, points=points, boxes=boxes)
         self._prediction = None
         self._choice = None
+        self._decode_pending = None  # a decode still in flight is for the prompts just removed
         self._render_prediction()
 
     @_guarded
@@ -1008,41 +1183,90 @@ class RWKVSAMWidget(QWidget):
 
     @_guarded
     def undo(self) -> None:
-        """Revert the last commit."""
+        """Revert the last commit and bring back the prompts (and the preview) that produced it.
+
+        The prompts of that slice placed since the commit are replaced by the restored ones, so the
+        object can be corrected and committed again.
+        """
         while self._undo:
-            layer, record = self._undo.pop()
-            if layer in self.viewer.layers:
-                undo_commit(layer.data, record)
-                layer.refresh()
-                self._set_status(f"undid label {', '.join(str(i) for i in record.label_ids)}")
-                return
+            entry = self._undo.pop()
+            if entry.layer not in self.viewer.layers:
+                continue
+            undo_commit(entry.layer.data, entry.record)
+            entry.layer.refresh()
+            ids = ", ".join(str(i) for i in entry.record.label_ids)
+            if self._restore_prompts(entry):
+                self._set_status(f"undid label {ids}: its prompts are back, correct them and commit again")
+            else:
+                self._set_status(f"undid label {ids} (its prompts belong to another image: not restored)")
+            self.undone.emit(list(entry.record.label_ids))
+            return
         raise PromptError("nothing to undo")
+
+    def _restore_prompts(self, entry: _UndoEntry) -> bool:
+        """Put the prompts of ``entry`` back on their slice, and its preview if still valid."""
+        layer = self._image_layer
+        if layer is None or id(layer) != entry.image_id:
+            return False
+        self._ensure_prompt_layers()  # re-creates prompt layers the user deleted
+        ndim = len(self._spatial(layer))
+        slice_index = entry.record.slice_index
+        self._remove_slice_prompts(slice_index, points=len(entry.points) > 0, boxes=True)
+        with self._widget_edits():
+            if entry.boxes:
+                self._boxes.selected_data = set()
+                self._boxes.add(entry.boxes, shape_type=entry.box_types)
+                self._boxes.selected_data = set()
+            if len(entry.points) and entry.points.shape[1] == ndim:
+                points = self._points
+                defaults = points.feature_defaults.iloc[0].to_dict() if len(points.feature_defaults) else None
+                for coords, label in zip(entry.points, entry.point_labels, strict=True):
+                    points.selected_data = set()  # feature_defaults would relabel selected points
+                    points.feature_defaults = {"label": int(label)}
+                    points.add(coords)
+                points.selected_data = set()
+                if defaults is not None:
+                    points.feature_defaults = defaults
+        # the restored prompts give the same signature: the preview comes back without a decode
+        if entry.prediction is not None and entry.key == self._active_key:
+            self._prediction = entry.prediction
+            self._choice = entry.choice
+            self._decode_pending = None
+            self._render_prediction()
+        self._schedule_preview()
+        return True
 
 
 BACKGROUND_NICE = 5
 
 
-def _decode_job(segmenter, features, batch: PromptBatch, multimask: bool):
-    """Worker-thread preview decode: ``(masks (N, K, H, W), scores (N, K))``."""
-    return segmenter.predict(features, batch, multimask=multimask)
+class EmbeddingError(Exception):
+    """An embedding failed with a RuntimeError (superqt would take one for a deleted worker)."""
 
 
-def _embedding_job(key: _EmbedKey, data, slice_index: SliceIndex, contrast):
-    """Worker-thread job (generator: each ``yield`` is a point where a stale job can be cancelled).
+def _embedding_job(key: _EmbedKey, data, cancel: threading.Event):
+    """Worker-thread job (generator: each ``yield`` is a point where a stale job can be cancelled;
+    ``cancel`` also stops the encoder itself between blocks). Returns ``(key, features)``, or None
+    when cancelled.
 
-    On Linux the worker thread runs at a lower CPU priority (nice +5) so the GUI thread wins the CPU
-    whenever it has work; OpenMP threads that torch starts from this thread inherit it.
+    On Linux the worker thread runs at a lower CPU priority (nice +5) so the GUI thread and the decode
+    thread win the CPU whenever they have work; OpenMP threads that torch starts from this thread
+    inherit it. Only this job is niced: the preview decodes run in their own thread at normal priority.
     """
-    from ._engine import compute_features, load_model
+    from ._engine import EmbeddingCancelled, compute_features, load_model
 
     restore = _lower_thread_priority()
     try:
         yield
         load_model(key.spec)
         yield
-        plane = extract_slice(data, slice_index)
+        plane = extract_slice(data, key.slice_index)
         yield
-        return key, compute_features(key.spec, plane, contrast)
+        return key, compute_features(key.spec, plane, key.contrast, cancelled=cancel.is_set)
+    except EmbeddingCancelled:
+        return None
+    except RuntimeError as err:  # superqt reports a RuntimeError as "worker deleted" and stays silent
+        raise EmbeddingError(f"{type(err).__name__}: {err}") from err
     finally:
         restore()
 

@@ -338,3 +338,270 @@ def test_bad_input_gives_messages_not_tracebacks(dock, qtbot, tmp_path):
     widget._on_model_changed()
     wait_ready(qtbot, widget)
     qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=10_000)
+
+
+def _layer_prompts(widget):
+    return (
+        widget.points_layer.data.copy(),
+        widget.points_layer.features["label"].to_numpy().copy(),
+        [v.copy() for v in widget.boxes_layer.data],
+    )
+
+
+def test_undo_brings_back_the_prompts_and_the_preview(dock, qtbot, monkeypatch):
+    viewer, widget = dock()
+    viewer.add_image(coffee(), name="coffee", rgb=True)
+    wait_ready(qtbot, widget)
+    rows, cols = (60, 260), (150, 420)
+    add_box(qtbot, widget, rows, cols)
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        click(viewer, widget.points_layer, (150, 280))
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        click(viewer, widget.points_layer, (100, 200), shift=True)
+    if widget._prediction.scores.shape[1] > 1:
+        widget.next_mask()  # a candidate other than the default: undo must bring this one back
+    points, labels, boxes = _layer_prompts(widget)
+    assert labels.tolist() == [1, 0] and len(boxes) == 1
+    preview = widget.preview_layer.data.copy()
+    scores_text = widget.scores_label.text()
+    choice = widget._choice
+    assert preview.any()
+
+    assert widget.commit() == [1]
+    committed = widget.committed_layer.data
+    first = committed == 1
+    np.testing.assert_array_equal(first, preview > 0)
+    assert len(widget.points_layer.data) == 0 and len(widget.boxes_layer.data) == 0
+    assert not widget.preview_layer.data.any()
+
+    # undo: the label goes, the prompts and the preview that produced it come back, with no decode
+    from napari_plugin._engine import Segmenter
+
+    decodes = []
+    original = Segmenter.predict
+    monkeypatch.setattr(Segmenter, "predict", lambda *a, **k: decodes.append(1) or original(*a, **k))
+    with qtbot.waitSignal(widget.undone, timeout=10_000) as blocker:
+        widget.undo()
+    assert blocker.args == [[1]]
+    assert not committed.any()
+    new_points, new_labels, new_boxes = _layer_prompts(widget)
+    np.testing.assert_array_equal(new_points, points)
+    assert new_labels.tolist() == [1, 0]
+    assert len(new_boxes) == 1
+    np.testing.assert_array_equal(new_boxes[0], boxes[0])
+    np.testing.assert_array_equal(widget.preview_layer.data, preview)
+    assert widget._choice == choice and widget.scores_label.text() == scores_text
+    assert "prompts are back" in widget.status_label.text()
+    colors = widget.points_layer.face_color
+    assert colors[0][1] > 0.9 and colors[1][0] > 0.9  # green positive, red negative again
+    # the scheduled preview update finds the restored prediction current: still no decode
+    qtbot.waitUntil(lambda: not widget._preview_timer.isActive() and not widget.is_decoding, timeout=10_000)
+    assert decodes == []
+    np.testing.assert_array_equal(widget.preview_layer.data, preview)
+
+    # correct the object (one more negative point) and commit again: the same id, the new mask
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        click(viewer, widget.points_layer, (230, 400), shift=True)
+    assert decodes, "a changed prompt must be decoded"
+    corrected = widget.preview_layer.data > 0
+    assert widget.commit() == [1]
+    np.testing.assert_array_equal(committed == 1, corrected)
+
+    # prompts placed after a commit are replaced by the restored ones on undo
+    widget.undo()
+    widget.clear()
+    assert widget.commit() is None  # nothing to commit
+    add_box(qtbot, widget, rows, cols)
+    assert widget.commit() == [1]
+    add_box(qtbot, widget, (300, 380), (20, 120))  # the next object, started
+    widget.undo()
+    assert not committed.any()
+    assert len(widget.boxes_layer.data) == 1
+    np.testing.assert_array_equal(widget.boxes_layer.data[0], boxes[0])
+    assert len(widget.points_layer.data) == 0
+
+
+def test_undo_of_segment_all_boxes_restores_the_boxes(dock, qtbot):
+    viewer, widget = dock()
+    viewer.add_image(coffee(), name="coffee", rgb=True)
+    wait_ready(qtbot, widget)
+    rects = np.array([[[20.0, 30.0], [120.0, 200.0]], [[200.0, 300.0], [380.0, 560.0]]])
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        widget.boxes_layer.add_rectangles(rects)
+    before = [v.copy() for v in widget.boxes_layer.data]
+    ids = widget.segment_all_boxes()
+    assert ids and len(widget.boxes_layer.data) == 0
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):  # decoded again from the boxes
+        widget.undo()
+    assert not widget.committed_layer.data.any()
+    assert len(widget.boxes_layer.data) == 2
+    for restored, original in zip(widget.boxes_layer.data, before, strict=True):
+        np.testing.assert_array_equal(restored, original)
+    assert widget._prediction is not None and widget._prediction.masks.shape[0] == 2
+
+
+def test_undo_on_a_stack_slice(dock, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, widget = dock()
+    rng = np.random.default_rng(3)
+    stack = (rng.random((2, 100, 140)) * 255).astype(np.uint8)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 1)
+    wait_ready(qtbot, widget)
+    add_box(qtbot, widget, (20, 80), (30, 120), z=1)
+    box = widget.boxes_layer.data[0].copy()
+    assert widget.commit() == [1]
+    assert widget.committed_layer.data[1].any()
+    with qtbot.waitSignal(widget.undone, timeout=10_000):  # Shift-U on the canvas
+        qtbot.keyClick(
+            viewer.window._qt_viewer.canvas.native, Qt.Key.Key_U, Qt.KeyboardModifier.ShiftModifier
+        )
+    assert not widget.committed_layer.data.any()
+    assert len(widget.boxes_layer.data) == 1
+    np.testing.assert_array_equal(widget.boxes_layer.data[0], box)  # back on slice 1
+    assert widget.preview_layer.data[1].any() and not widget.preview_layer.data[0].any()
+
+
+def test_a_prompt_change_is_decoded_at_once_and_bursts_decode_only_the_latest(dock, qtbot, monkeypatch):
+    import threading
+
+    viewer, widget = dock()
+    viewer.add_image(coffee(), name="coffee", rgb=True)
+    wait_ready(qtbot, widget)
+    from napari_plugin._engine import Segmenter
+
+    decoded = []
+    gate = threading.Event()
+    gate.set()
+    original = Segmenter.predict
+
+    def spy(self, features, batch, multimask=True):
+        decoded.append(batch.point_coords.shape[1])
+        gate.wait(60)  # holds a decode while the test piles up prompt changes
+        return original(self, features, batch, multimask=multimask)
+
+    monkeypatch.setattr(Segmenter, "predict", spy)
+    # the decode starts inside the layer's event: when add() returns, the preview is already drawn
+    # (the GUI waits up to preview_wait_ms for it) without any turn of the event loop
+    widget.points_layer.add([150.0, 280.0])
+    assert decoded == [1]
+    assert widget._prediction is not None and widget._prediction.batch.point_coords.shape[1] == 1
+    assert widget.preview_layer.data.any()
+
+    # changes that come while a decode runs are not queued up: only the newest prompts are decoded
+    widget.preview_wait_ms = 0
+    decoded.clear()
+    gate.clear()
+    widget.points_layer.add([100.0, 200.0])
+    qtbot.waitUntil(lambda: decoded == [2], timeout=10_000)  # this change is being decoded (held)
+    for i in range(1, 5):
+        widget.points_layer.add([100.0 + 10 * i, 200.0 + 20 * i])
+        assert widget.is_decoding
+    gate.set()
+    qtbot.waitUntil(lambda: not widget.is_decoding, timeout=10_000)
+    assert decoded == [2, 6]
+    assert widget._prediction.batch.point_coords.shape[1] == 6
+
+
+def test_contrast_change_re_embeds_once_after_the_slider_rests(dock, qtbot, monkeypatch):
+    from napari_plugin import _engine
+
+    viewer, widget = dock()
+    rng = np.random.default_rng(4)
+    img = (rng.random((160, 200)) * 1000).astype(np.float32)
+    img[40:120, 50:150] += 3000
+    layer = viewer.add_image(img, name="float", contrast_limits=(0, 4000))
+    wait_ready(qtbot, widget)
+    add_box(qtbot, widget, (30, 130), (40, 160))
+    old_key, old_preview = widget._active_key, widget.preview_layer.data.copy()
+    assert old_key.contrast == (0.0, 4000.0)
+
+    calls = []
+    original = _engine.compute_features
+
+    def spy(spec, plane, contrast, cancelled=None):
+        calls.append(contrast)
+        return original(spec, plane, contrast, cancelled=cancelled)
+
+    monkeypatch.setattr(_engine, "compute_features", spy)
+    # a dragged slider: many values in a row; nothing is embedded while it moves
+    for hi in range(3900, 2900, -100):
+        layer.contrast_limits = (0, hi)
+        assert not widget.is_embedding
+    assert widget.is_ready and widget._active_key == old_key  # the old embedding serves meanwhile
+    with qtbot.waitSignals([widget.embedding_ready, widget.preview_updated], order="strict", timeout=60_000):
+        pass
+    assert calls == [(0.0, 3000.0)]  # one embedding, with the final limits
+    assert widget._active_key.contrast == (0.0, 3000.0)
+    assert widget._prediction.signature[0] == widget._active_key  # preview decoded from the new one
+    assert widget.preview_layer.data.shape == old_preview.shape
+
+    # back to the first limits: that embedding is still held, nothing is computed
+    layer.contrast_limits = (0, 4000)
+    qtbot.waitUntil(lambda: widget._active_key == old_key, timeout=10_000)
+    assert calls == [(0.0, 3000.0)]
+
+    # uint8 RGB is used as is: its contrast limits never trigger an embedding
+    rgb = viewer.add_image(coffee(), name="coffee", rgb=True)
+    widget.image_combo.setCurrentIndex(1)
+    wait_ready(qtbot, widget)
+    calls.clear()
+    rgb.contrast_limits = (20, 200)
+    assert widget._contrast_timer.isActive()
+    qtbot.waitUntil(lambda: not widget._contrast_timer.isActive(), timeout=10_000)
+    assert widget.is_ready and not widget.is_embedding and calls == []
+
+
+def test_a_stale_embedding_is_cancelled(dock, qtbot, monkeypatch):
+    import threading
+
+    from napari_plugin import _engine
+
+    viewer, widget = dock()
+    rng = np.random.default_rng(5)
+    layer = viewer.add_image(
+        (rng.random((120, 150)) * 100).astype(np.float32), name="f", contrast_limits=(0, 100)
+    )
+    wait_ready(qtbot, widget)
+    outcomes = []
+    original = _engine.compute_features
+    first_running = threading.Event()
+
+    def spy(spec, plane, contrast, cancelled=None):
+        if contrast == (0.0, 50.0):  # the stale one: runs until it is told to stop (at most 60 s)
+            first_running.set()
+            for _ in range(6000):
+                if cancelled():
+                    break
+                threading.Event().wait(0.01)
+        try:
+            out = original(spec, plane, contrast, cancelled=cancelled)
+        except _engine.EmbeddingCancelled:
+            outcomes.append((contrast, "cancelled"))
+            raise
+        outcomes.append((contrast, "done"))
+        return out
+
+    monkeypatch.setattr(_engine, "compute_features", spy)
+    layer.contrast_limits = (0, 50)
+    qtbot.waitUntil(first_running.is_set, timeout=10_000)
+    layer.contrast_limits = (0, 70)  # the limits move again while that embedding runs
+    qtbot.waitUntil(lambda: widget.is_ready and widget._active_key.contrast == (0.0, 70.0), timeout=60_000)
+    assert outcomes == [((0.0, 50.0), "cancelled"), ((0.0, 70.0), "done")]
+    assert all(key.contrast != (0.0, 50.0) for key in widget._features)
+
+
+def test_cuda_without_a_gpu_is_a_message_not_a_stuck_widget(dock, qtbot):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    viewer, widget = dock()
+    widget.device_combo.setCurrentText("cuda")
+    viewer.add_image(coffee(), name="coffee", rgb=True)
+    qtbot.waitUntil(lambda: "embedding failed" in widget.status_label.text(), timeout=EMBED_TIMEOUT_MS)
+    assert "CUDA" in widget.status_label.text()
+    qtbot.waitUntil(lambda: not widget.is_embedding, timeout=10_000)
+    widget.device_combo.setCurrentText("cpu")
+    wait_ready(qtbot, widget)
