@@ -55,6 +55,12 @@ def add_finetune_args(p: argparse.ArgumentParser, defaults: FinetuneConfig | Non
     p.add_argument("--max-instances", type=int, default=d.max_instances)
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--grad-checkpointing", action="store_true", default=d.grad_checkpointing)
+    p.add_argument(
+        "--decoder-checkpointing",
+        default=d.decoder_checkpointing,
+        choices=["auto", "on", "off"],
+        help="recompute per-prompt decoder/refine activations in backward (auto: on the CPU)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
@@ -104,6 +110,7 @@ def config_from_args(args: argparse.Namespace, base: FinetuneConfig | None = Non
     cfg.loss_points = args.loss_points or None
     cfg.correction_rounds, cfg.device, cfg.progress = args.correction_rounds, args.device, not args.quiet
     cfg.time_limit_s = getattr(args, "time_limit", None)
+    cfg.decoder_checkpointing = getattr(args, "decoder_checkpointing", cfg.decoder_checkpointing)
     cfg.ratios = tuple(int(r) for r in args.ratios.split(":")) if args.ratios else None
     return cfg
 

@@ -57,6 +57,9 @@ class FinetuneConfig:
     3 candidates; box prompts and corrective passes train the single-mask output. ``schedule_steps`` is the length of the warm-up + cosine schedule (default ``steps``;
     larger values stop a run part-way along its schedule, to resume later). A step whose gradient norm is not finite is skipped (counted in ``nonfinite_steps``);
     ``max_nonfinite_steps`` such steps in a row stop the run with an error.
+    ``decoder_checkpointing``: recompute the per-prompt upscaling + refine activations in the backward
+    pass, 16 prompts at a time ("on", "off", or "auto": on when training on the CPU, where a batch of
+    4 images with 20 instances each would otherwise keep ~20 GB of them).
     ``time_limit_s``: wall-clock budget of this call; when it runs out the run saves its state and
     returns early (resume later with the same config to finish it).
     """
@@ -73,6 +76,7 @@ class FinetuneConfig:
     max_instances: int = 20
     amp: str = "auto"
     grad_checkpointing: bool = False
+    decoder_checkpointing: str = "auto"
     seed: int = 0
     save_every: int = 100
     num_workers: int = 0
@@ -384,6 +388,13 @@ def train(
         raise ValueError("the model has no trainable parameter")
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    if cfg.decoder_checkpointing not in ("auto", "on", "off"):
+        raise ValueError(f"decoder_checkpointing must be auto, on or off, got {cfg.decoder_checkpointing!r}")
+    if hasattr(model, "set_decoder_checkpointing"):
+        on = cfg.decoder_checkpointing == "on" or (
+            cfg.decoder_checkpointing == "auto" and device.type == "cpu"
+        )
+        model.set_decoder_checkpointing(16 if on else 0)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
