@@ -19,12 +19,13 @@ Conventions
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,8 +129,9 @@ def _runs(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _encode_runs(n: int, lengths: np.ndarray, run_vals: np.ndarray) -> list[int]:
     """Bit-pack runs (lengths, values) of an n-value array into Label Studio's RLE bytes."""
-    header_vals = np.asarray([n, WORD_SIZE - 1, *(s - 1 for s in RLE_SIZES)], dtype=np.int64)
-    header_w = np.asarray([32, 5, 4, 4, 4, 4], dtype=np.int64)
+    fields = ((n, 32), (WORD_SIZE - 1, 5), *((s - 1, 4) for s in RLE_SIZES))
+    header = "".join(format(v, f"0{w}b") for v, w in fields)
+    header_bits = np.frombuffer(header.encode(), dtype=np.uint8) - ord("0")
     if lengths.size:
         limit = 1 << RLE_SIZES[-1]
         pieces = (lengths + limit - 1) // limit
@@ -143,21 +145,18 @@ def _encode_runs(n: int, lengths: np.ndarray, run_vals: np.ndarray) -> list[int]
         # every piece of a long run keeps the widest count field, as Label Studio's encoder does
         idx = np.where(long_run, 3, _size_index(cm1))
         cw = np.asarray(RLE_SIZES, dtype=np.int64)[idx]
-        vals = np.stack([flag, idx, cm1, vals_rep], axis=1).ravel()
-        widths = np.stack(
-            [np.ones_like(flag), np.full_like(flag, 2), cw, np.full_like(flag, WORD_SIZE)], axis=1
-        ).ravel()
-        vals = np.concatenate((header_vals, vals))
-        widths = np.concatenate((header_w, widths))
+        # one chunk = flag (1 bit) | size index (2) | count - 1 (cw) | value (8): at most 27 bits,
+        # left-aligned in a big-endian 32-bit word whose first 11 + cw bits are kept
+        width = 11 + cw
+        chunk = (flag << (10 + cw)) | (idx << (8 + cw)) | (cm1 << 8) | (vals_rep & 0xFF)
+        words = (chunk << (32 - width)).astype(">u4")
+        bits = np.unpackbits(words.view(np.uint8).reshape(-1, 4), axis=1)
+        body = bits[np.arange(32) < width[:, None]]
+        stream = np.concatenate((header_bits, body))
     else:
-        vals, widths = header_vals, header_w
-    total = int(widths.sum())
-    field_id = np.repeat(np.arange(vals.size), widths)
-    field_start = np.repeat(np.cumsum(widths) - widths, widths)
-    shift = widths[field_id] - 1 - (np.arange(total) - field_start)
-    bits = ((vals[field_id] >> shift) & 1).astype(np.uint8)
-    out = np.packbits(bits).tolist()
-    if total % 8 == 0:
+        stream = header_bits
+    out = np.packbits(stream).tolist()
+    if stream.size % 8 == 0:
         out.append(0)  # Label Studio's encoder always pads with 1..8 zero bits
     return out
 
@@ -368,7 +367,8 @@ def parse_context(
     newest is last, as the frontend sends them. Of the rectangles only the newest (the last one) is
     kept: Label Studio resends earlier rectangles of the same label, and a rectangle request always
     means the box just drawn. ``width``/``height`` are the image size in pixels; when None, the
-    items' ``original_width``/``original_height`` are used.
+    items' ``original_width``/``original_height`` are used. Keypoints outside the image are ignored
+    (logged); rectangles are clipped to it.
 
     Returns:
         None when the context holds no keypoint or rectangle.
@@ -397,6 +397,11 @@ def parse_context(
                 px, py = percent_to_pixel_point(value["x"], value["y"], w, h)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConversionError(f"keypoint without numeric x/y: {value!r}") from exc
+            if not (math.isfinite(px) and math.isfinite(py)):
+                raise ConversionError(f"keypoint has non-finite coordinates: {value!r}")
+            if not (0 <= px <= w and 0 <= py <= h):
+                logger.info("keypoint %s lies outside the %dx%d image: ignored", item.get("id"), w, h)
+                continue
             positive = item.get("is_positive", value.get("is_positive", True))
             clicks.append(
                 Click(px, py, positive is not False and positive != 0, _first_label(value, "keypointlabels"))
@@ -425,91 +430,159 @@ def clicks_inside_box(clicks: Iterable[Click], box: np.ndarray) -> list[Click]:
     return [c for c in clicks if box[0] <= c.x <= box[2] and box[1] <= c.y <= box[3]]
 
 
-def select_object_clicks(
-    clicks: Sequence[Click], masks_of_suffixes: Sequence[np.ndarray | None]
-) -> list[Click]:
-    """Apply the grouping rule: which earlier clicks belong to the object of the newest click.
+def object_start(
+    clicks: Sequence[Click],
+    joins: Callable[[int, list[Click]], bool],
+    start: int = 0,
+    first: int = 1,
+    record: Callable[[int, int], None] | None = None,
+) -> int:
+    """Apply the grouping rule: where the object of the newest click starts in ``clicks``.
 
-    Rule (documented in the README): clicks arrive oldest first. Walk back from the newest click.
-    Negative clicks are kept. An earlier positive click is kept when it lies inside the mask
-    predicted from the clicks after it, or when no positive click comes after it; the first
-    positive click outside that mask belongs to an earlier object, and it and every older click
-    are dropped.
+    Rule (documented in the README): the clicks are read oldest first and grouped into objects
+    as they were made. A negative click joins the current object (it corrects it). A positive
+    click joins the current object when the object has no positive click yet, or when
+    ``joins(i, owners)`` says so: the mask of click ``i`` alone contains one of ``owners``, the
+    object's positive clicks. Otherwise the click starts a new object, and every click before it
+    (negative ones included) belongs to earlier objects.
 
     Args:
-        clicks: the request's clicks, oldest first, with at least one click.
-        masks_of_suffixes: ``masks_of_suffixes[i]`` is the (H, W) bool mask predicted from
-            ``clicks[i+1:]``, or None when ``clicks[i+1:]`` holds no positive click (only entries
-            i < len(clicks) - 1 of positive clicks are read).
+        clicks: the request's clicks, oldest first.
+        joins: the membership test, called only for positive clicks of a started object.
+        start, first: resume from a known decision: the object of ``clicks[:first]`` starts at
+            ``start`` (the defaults start from the first click).
+        record: called as ``record(j, start)`` after each decision: the object of ``clicks[:j]``
+            starts at ``start`` (the caller may remember it).
     Returns:
-        The clicks of the current object, oldest first.
+        The index of the first click of the current object: ``clicks[start:]`` are its clicks.
     """
-    n = len(clicks)
-    start = n - 1
-    for i in range(n - 2, -1, -1):
-        c = clicks[i]
-        m = masks_of_suffixes[i] if c.positive else None
-        if m is not None:
-            xi = min(max(int(c.x), 0), m.shape[1] - 1)
-            yi = min(max(int(c.y), 0), m.shape[0] - 1)
-            if not m[yi, xi]:
-                break
-        start = i
-    return list(clicks[start:])
+    for i in range(first, len(clicks)):
+        owners = [c for c in clicks[start:i] if c.positive]
+        if clicks[i].positive and owners and not joins(i, owners):
+            start = i
+        if record is not None:
+            record(i + 1, start)
+    return start
+
+
+def prefix_digests(clicks: Sequence[Click]) -> list[bytes]:
+    """``out[j]`` names the click list ``clicks[:j + 1]`` (positions to 0.01 px and polarity).
+
+    Equal prefixes give equal digests, so a click list can be looked up by each of its prefixes.
+    """
+    out: list[bytes] = []
+    h = hashlib.blake2b(digest_size=16)
+    for c in clicks:
+        h.update(f"{c.x:.2f},{c.y:.2f},{int(bool(c.positive))};".encode())
+        out.append(h.copy().digest())
+    return out
+
+
+def rectangles_from_results(results: Any, rect_names: Iterable[str] | None = None) -> list[BoxPrompt]:
+    """The rectangles of one annotation's (or prediction's) results, as pixel boxes with labels.
+
+    Exact duplicates are dropped. Rectangles whose sizes are not known (no ``original_width`` /
+    ``original_height``) or whose geometry is not numeric are skipped with a log line.
+    """
+    names = set(rect_names) if rect_names is not None else None
+    out: list[BoxPrompt] = []
+    seen: set[tuple] = set()
+    for item in results if isinstance(results, list) else []:
+        if not isinstance(item, dict) or str(item.get("type", "")).lower() != "rectanglelabels":
+            continue
+        if names is not None and item.get("from_name") not in names:
+            continue
+        w, h = _size_of(item)
+        if not w or not h:
+            logger.warning("skipping rectangle %s: no original size", item.get("id"))
+            continue
+        value = item.get("value") or {}
+        try:
+            box = rect_to_xyxy(value if isinstance(value, dict) else {}, w, h)
+        except ConversionError as exc:
+            logger.warning("skipping rectangle %s: %s", item.get("id"), exc)
+            continue
+        label = _first_label(value, "rectanglelabels")
+        key = (*np.round(box, 3).tolist(), label)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(BoxPrompt(box, label))
+    return out
 
 
 def boxes_from_task(task: dict[str, Any], rect_names: Iterable[str] | None = None) -> list[BoxPrompt]:
     """Collect the rectangles of a task for batch mode, as pixel boxes with their labels.
 
     Source: the newest annotation (not cancelled) that holds rectangles; when none does, the newest
-    prediction that holds rectangles. Exact duplicates are dropped. Rectangles whose sizes are not
-    known (no ``original_width``/``original_height``) are skipped with a log line.
+    prediction that holds rectangles. See :func:`rectangles_from_results`.
     """
-    names = set(rect_names) if rect_names is not None else None
-
-    def rects_of(results: Any) -> list[BoxPrompt]:
-        out: list[BoxPrompt] = []
-        seen: set[tuple] = set()
-        for item in results or []:
-            if not isinstance(item, dict) or str(item.get("type", "")).lower() != "rectanglelabels":
-                continue
-            if names is not None and item.get("from_name") not in names:
-                continue
-            w, h = _size_of(item)
-            if not w or not h:
-                logger.warning("skipping rectangle %s: no original size", item.get("id"))
-                continue
-            value = item.get("value") or {}
-            try:
-                box = rect_to_xyxy(value, w, h)
-            except ConversionError as exc:
-                logger.warning("skipping rectangle %s: %s", item.get("id"), exc)
-                continue
-            label = _first_label(value, "rectanglelabels")
-            key = (*np.round(box, 3).tolist(), label)
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(BoxPrompt(box, label))
-        return out
-
+    names = list(rect_names) if rect_names is not None else None
     annotations = [
         a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
     ]
     for ann in sorted(
         annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0), reverse=True
     ):
-        found = rects_of(ann.get("result"))
+        found = rectangles_from_results(ann.get("result"), names)
         if found:
             return found
     predictions = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
     for pred in sorted(
         predictions, key=lambda p: (str(p.get("created_at") or ""), p.get("id") or 0), reverse=True
     ):
-        found = rects_of(pred.get("result"))
+        found = rectangles_from_results(pred.get("result"), names)
         if found:
             return found
     return []
+
+
+def pair_boxes_with_masks(
+    masks: Sequence[np.ndarray],
+    labels: Sequence[str | None],
+    rects: Sequence[BoxPrompt],
+    min_inside: float = 0.9,
+    min_iou: float = 0.5,
+) -> list[np.ndarray | None]:
+    """The rectangle that prompted each mask of an annotation, or None.
+
+    Label Studio keeps no link between a smart rectangle and the brush region made from it, so
+    they are matched by geometry: a rectangle fits a mask when their labels agree (or one has
+    none), at least ``min_inside`` of the mask's pixels lie inside it (pixels the box touches count)
+    and the IoU of the rectangle with the mask's bounding box is at least ``min_iou``. Pairs are
+    made one to one, best IoU first.
+
+    Args:
+        masks: (H, W) bool masks; labels: their labels; rects: pixel boxes of the same image.
+    Returns:
+        One (4,) XYXY pixel box or None per mask.
+    """
+    candidates = []
+    for i, (mask, label) in enumerate(zip(masks, labels, strict=True)):
+        ys, xs = np.nonzero(mask)
+        if xs.size == 0:
+            continue
+        mbox = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+        for j, rect in enumerate(rects):
+            if label and rect.label and label != rect.label:
+                continue
+            b = rect.box
+            x0, y0 = int(np.floor(b[0])), int(np.floor(b[1]))
+            x1, y1 = int(np.ceil(b[2])), int(np.ceil(b[3]))
+            inside = np.count_nonzero((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)) / xs.size
+            iw = max(0.0, min(mbox[2], b[2]) - max(mbox[0], b[0]))
+            ih = max(0.0, min(mbox[3], b[3]) - max(mbox[1], b[1]))
+            union = (mbox[2] - mbox[0]) * (mbox[3] - mbox[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
+            iou = iw * ih / union if union > 0 else 0.0
+            if inside >= min_inside and iou >= min_iou:
+                candidates.append((iou, i, j))
+    out: list[np.ndarray | None] = [None] * len(masks)
+    used: set[int] = set()
+    for _, i, j in sorted(candidates, key=lambda c: -c[0]):
+        if out[i] is None and j not in used:
+            out[i] = np.asarray(rects[j].box, dtype=np.float64)
+            used.add(j)
+    return out
 
 
 def masks_from_annotation(

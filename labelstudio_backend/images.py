@@ -10,14 +10,20 @@ Rules (no server-side request forgery):
 * Redirects are never followed; other schemes (file:, s3:, gs:, data: ...) are refused.
 * Downloads stop at ``MAX_IMAGE_BYTES``; images over ``MAX_IMAGE_PIXELS`` are refused before they
   are decoded; truncated or undecodable files raise :class:`ImageError`.
+
+The bytes are fetched on every call (a file or URL may change), but decoding is skipped when the
+same bytes were decoded recently: interactive requests on one image then cost a read, not a PNG
+or JPEG decode.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
@@ -114,11 +120,18 @@ def _host_port(url: str) -> tuple[str, str, int | None]:
 class ImageLoader:
     """Load task images as (H, W, 3) uint8 RGB arrays, following the rules of this module."""
 
+    #: decoded images kept per process, keyed by a digest of their bytes (bounded by both limits)
+    DECODED_ITEMS = 8
+    DECODED_BYTES = 256 * 1024 * 1024
+
     def __init__(self, settings: Settings, auth: LabelStudioAuth | None = None) -> None:
         self.settings = settings
         self.auth = auth or LabelStudioAuth(
             settings.label_studio_url, settings.api_key, settings.fetch_timeout
         )
+        self._decoded: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._decoded_lock = threading.Lock()
+        self.decoded_hits = 0
 
     # --------------------------------------------------------------------------- resolving
     def resolve(self, url: str) -> tuple[str, str | Path, bool]:
@@ -241,8 +254,28 @@ class ImageLoader:
         return np.ascontiguousarray(arr, dtype=np.uint8)
 
     def load(self, url: str) -> np.ndarray:
-        """Fetch and decode the image at ``url`` -> (H, W, 3) uint8 RGB."""
-        return self.decode(self.fetch_bytes(url), name=url)
+        """Fetch and decode the image at ``url`` -> (H, W, 3) uint8 RGB, read-only.
+
+        The array is shared with later calls that fetch the same bytes (it is read-only so that no
+        caller can change what the others see).
+        """
+        data = self.fetch_bytes(url)
+        digest = hashlib.blake2b(data, digest_size=20).digest() + len(data).to_bytes(8, "little")
+        with self._decoded_lock:
+            image = self._decoded.get(digest)
+            if image is not None:
+                self._decoded.move_to_end(digest)
+                self.decoded_hits += 1
+                return image
+        image = self.decode(data, name=url)
+        image.flags.writeable = False
+        if image.nbytes <= self.DECODED_BYTES:
+            with self._decoded_lock:
+                self._decoded[digest] = image
+                total = sum(a.nbytes for a in self._decoded.values())
+                while len(self._decoded) > self.DECODED_ITEMS or total > self.DECODED_BYTES:
+                    total -= self._decoded.popitem(last=False)[1].nbytes
+        return image
 
 
 def task_image_url(task: dict[str, Any], key: str) -> str:

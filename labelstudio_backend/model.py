@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from .convert import (
     box_is_degenerate,
     clamp_score,
     clicks_inside_box,
-    select_object_clicks,
+    object_start,
+    prefix_digests,
 )
 from .settings import Settings
 
@@ -112,7 +114,10 @@ class ModelManager:
         self._state_stamp: tuple[float, int] | None = None
         self._image_locks: dict[str, threading.Lock] = {}
         self._cache: Any = None
-        self.stats = {"interactive": 0, "batch_boxes": 0, "encodes": 0, "reloads": 0}
+        # click grouping decisions: (image key, digest of a click list) -> start of its current object
+        self._groups: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._groups_lock = threading.Lock()
+        self.stats = {"interactive": 0, "batch_boxes": 0, "encodes": 0, "reloads": 0, "decodes": 0}
 
     # ------------------------------------------------------------------ model
     def _state_changed(self) -> bool:
@@ -200,6 +205,11 @@ class ModelManager:
         requests never race on predictor state. A per-image lock makes concurrent requests for the
         same new image wait for one encoder pass instead of each computing it.
         """
+        predictor, version, _ = self._predictor_and_key(image)
+        return predictor, version
+
+    def _predictor_and_key(self, image: np.ndarray) -> tuple[Any, str, str]:
+        """:meth:`predictor_for` plus the key naming (model version, image) for per-image memos."""
         from rwkvsam_core import Predictor, image_hash
 
         model, version = self.get_model()
@@ -216,7 +226,7 @@ class ModelManager:
             predictor.set_image(image)
             if self.cache.misses != misses:
                 self.stats["encodes"] += 1
-        return predictor, version
+        return predictor, version, key
 
     # ------------------------------------------------------------------ segmentation
     def segment_interactive(
@@ -224,11 +234,14 @@ class ModelManager:
     ) -> tuple[np.ndarray | None, float, str]:
         """One mask for the object the user is working on.
 
+        A box is combined with the clicks inside it (one decoder pass). Clicks alone are grouped
+        by :meth:`object_clicks`; the object's clicks are decoded together, or, when the object has
+        a single click, that click's best of three candidate masks is the answer.
+
         Returns:
             (mask (H, W) bool or None when there is nothing to segment, score, model version).
         """
-        h, w = image.shape[:2]
-        predictor, version = self.predictor_for(image)
+        predictor, version, key = self._predictor_and_key(image)
         self.stats["interactive"] += 1
         if prompt.box is not None:
             box = prompt.box.box
@@ -240,77 +253,127 @@ class ModelManager:
             masks, scores, _ = predictor.predict(
                 point_coords=coords, point_labels=labels, box=box, multimask_output=False
             )
+            self.stats["decodes"] += 1
             mask, score = masks[0], clamp_score(scores[0])
             if self.settings.clip_to_box:
                 mask = clip_to_box(mask, box)
             return mask, score, version
-        clicks = prompt.clicks[-self.settings.max_clicks :]
+        clicks = prompt.clicks
         if not any(c.positive for c in clicks):
             logger.info("only negative clicks: nothing to segment")
             return None, 0.0, version
-        kept, low_res, score = self.object_clicks(predictor, clicks)
-        if low_res is not None and len(kept) > 1:  # the batched pass already decoded the kept clicks
+        kept, single = self.object_clicks(predictor, clicks, key, window=self.settings.max_clicks)
+        kept = kept[-self.settings.max_clicks :]
+        if not any(c.positive for c in kept):
+            logger.info("the newest %d clicks are negative: nothing to segment", len(kept))
+            return None, 0.0, version
+        if len(kept) == 1:  # one click: the best of its three candidates (maybe decoded already)
+            low_res, score = single if single is not None else self.decode_click(predictor, kept[0])
             from rwkvsam_core import postprocess_masks
 
             logits = postprocess_masks(
                 low_res, predictor.input_size, predictor.original_size, predictor.model.image_size
             )
             return (logits[0, 0] > 0).cpu().numpy(), clamp_score(score), version
-        coords, labels = _click_arrays(kept)  # one click: ask for 3 candidates, keep the best
-        masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, multimask_output=True)
-        best = int(np.argmax(scores))
-        return masks[best], clamp_score(scores[best]), version
+        coords, labels = _click_arrays(kept)
+        masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, multimask_output=False)
+        self.stats["decodes"] += 1
+        return masks[0], clamp_score(scores[0]), version
 
-    @staticmethod
-    def object_clicks(predictor: Any, clicks: list[Click]) -> tuple[list[Click], Any, float | None]:
-        """Apply :func:`convert.select_object_clicks` with ONE batched decoder pass.
-
-        Every suffix ``clicks[k:]`` holding a positive click goes through the decoder at once
-        (padded with label -1, SAM's "not a point"); the rule reads click membership on the
-        low-resolution logits (no full-size masks are made), and the kept clicks' own row is the
-        answer, so a request costs one decoder pass (two when only the newest click is kept).
+    def decode_click(self, predictor: Any, click: Click) -> tuple[Any, float]:
+        """One click alone, decoded once: the best (highest predicted IoU) of its three candidates.
 
         Returns:
-            (kept clicks, low-res logits (1, 1, S/4, S/4) of the kept clicks or None when a single
-            click was given, their predicted IoU or None).
+            (low-res logits (1, 1, S/4, S/4) of that candidate, its predicted IoU).
         """
         import torch
 
+        coords = predictor.transform.apply_coords(np.array([[[click.x, click.y]]]), predictor.original_size)
+        with torch.no_grad():
+            low_res, iou = predictor.model.decode(
+                predictor.get_features().tensors,
+                point_coords=torch.as_tensor(coords, dtype=torch.float32, device=predictor.device),
+                point_labels=torch.ones((1, 1), dtype=torch.int, device=predictor.device),
+                multimask_output=True,
+            )
+        self.stats["decodes"] += 1
+        best = int(torch.argmax(iou[0]))
+        return low_res[:, best : best + 1], float(iou[0, best])
+
+    @staticmethod
+    def low_res_contains(predictor: Any, low_res: Any, clicks: list[Click]) -> bool:
+        """True when one of ``clicks`` lies inside the low-res mask logits (1, 1, S/4, S/4) (> 0)."""
+        low = low_res[0, 0]
+        side = low.shape[-1]
+        xy = predictor.transform.apply_coords(
+            np.array([[c.x, c.y] for c in clicks], dtype=np.float64), predictor.original_size
+        ) * (side / predictor.model.image_size)
+        for x, y in xy:
+            xi = min(max(int(x), 0), side - 1)
+            yi = min(max(int(y), 0), low.shape[-2] - 1)
+            if bool(low[yi, xi] > 0):
+                return True
+        return False
+
+    def object_clicks(
+        self, predictor: Any, clicks: list[Click], image_key: str, window: int | None = None
+    ) -> tuple[list[Click], tuple[Any, float] | None]:
+        """Which clicks belong to the object the user is working on (the rule of the README).
+
+        Rule: the clicks are read oldest first and grouped into objects as they were made. A
+        negative click joins the current object (it corrects it). A positive click joins the
+        current object when the mask of that click alone (the best of its three candidates)
+        contains one of the object's positive clicks, or when the object has no positive click
+        yet; otherwise it starts a new object, and the clicks before it (negative ones included)
+        belong to earlier objects. The object of the newest click is the answer.
+
+        Cost: each positive click is decoded alone once, when it is new: the decision for every
+        prefix of the click list is remembered per image and model version, so a request that adds
+        one click to the previous request's clicks decodes that click alone (positive clicks
+        only), and when it starts a new object its mask is the answer. A request whose earlier
+        clicks were never seen by this process (another worker, a restart) decodes its earlier
+        positive clicks one by one, with the same result (up to ``window`` clicks).
+
+        Args:
+            clicks: the request's clicks, oldest first, at least one positive.
+            image_key: names the model version and the image (decisions are remembered under it).
+            window: when no earlier decision is known, only the newest ``window`` clicks are
+                decided (the oldest of them starts the object): bounds the work of a cold request.
+        Returns:
+            (the current object's clicks oldest first, (low-res logits, score) of the newest click
+            alone when it starts the object and was decoded here, else None).
+        """
         n = len(clicks)
-        if n == 1:
-            return clicks, None, None
-        starts = [k for k in range(n) if any(c.positive for c in clicks[k:])]
-        if not starts:
+        if not any(c.positive for c in clicks):
             raise ValueError("object_clicks needs at least one positive click")
-        p = n - starts[0]
-        coords = np.zeros((len(starts), p, 2))
-        labels = -np.ones((len(starts), p), dtype=np.int64)
-        for row, k in enumerate(starts):
-            suffix = clicks[k:]
-            coords[row, : len(suffix)] = [(c.x, c.y) for c in suffix]
-            labels[row, : len(suffix)] = [1 if c.positive else 0 for c in suffix]
-        size = predictor.original_size
-        device = predictor.device
-        _, iou, low_res = predictor.predict_torch(
-            torch.as_tensor(
-                predictor.transform.apply_coords(coords, size), dtype=torch.float32, device=device
-            ),
-            torch.as_tensor(labels, dtype=torch.int, device=device),
-            multimask_output=False,
-            return_logits=True,
-        )
-        low = (low_res[:, 0] > 0).cpu().numpy()  # (rows, S/4, S/4) in the padded input frame
-        scale = low.shape[-1] / predictor.model.image_size
-        xy = predictor.transform.apply_coords(np.array([[c.x, c.y] for c in clicks]), size) * scale
-        scaled = [
-            Click(float(x), float(y), c.positive, c.label) for (x, y), c in zip(xy, clicks, strict=True)
-        ]
-        row_of = {k: row for row, k in enumerate(starts)}
-        masks_of_suffixes = [low[row_of[i + 1]] if i + 1 in row_of else None for i in range(n - 1)]
-        kept = select_object_clicks(scaled, masks_of_suffixes)
-        start = n - len(kept)
-        row = row_of[start]  # the kept clicks always include a positive one
-        return clicks[start:], low_res[row : row + 1], float(iou[row, 0])
+        digests = prefix_digests(clicks)  # digests[j - 1] names clicks[:j]
+        start, first = 0, 1
+        with self._groups_lock:
+            for j in range(n, 1, -1):
+                known = self._groups.get((image_key, digests[j - 1]))
+                if known is not None:
+                    self._groups.move_to_end((image_key, digests[j - 1]))
+                    start, first = known, j
+                    break
+        if first == 1 and window and n > window:
+            start, first = n - window, n - window + 1
+        decoded: dict[int, tuple[Any, float]] = {}
+
+        def joins(i: int, owners: list[Click]) -> bool:
+            decoded[i] = self.decode_click(predictor, clicks[i])
+            return self.low_res_contains(predictor, decoded[i][0], owners)
+
+        def record(j: int, s: int) -> None:
+            with self._groups_lock:
+                self._groups[(image_key, digests[j - 1])] = s
+                self._groups.move_to_end((image_key, digests[j - 1]))
+                while len(self._groups) > self.GROUP_MEMO:
+                    self._groups.popitem(last=False)
+
+        start = object_start(clicks, joins, start=start, first=first, record=record)
+        return list(clicks[start:]), decoded.get(start)
+
+    GROUP_MEMO = 4096
 
     def segment_boxes(
         self, image: np.ndarray, boxes: list[BoxPrompt], chunk: int = 64
@@ -329,6 +392,7 @@ class ModelManager:
             part = good[start : start + chunk]
             arr = np.stack([b.box for b in part])
             masks, scores, _ = predictor.predict(box=arr, multimask_output=False)
+            self.stats["decodes"] += 1
             masks = np.asarray(masks).reshape(len(part), -1, *image.shape[:2])
             scores = np.asarray(scores).reshape(len(part), -1)
             for b, m, s in zip(part, masks, scores, strict=True):

@@ -49,6 +49,14 @@ class Backend:
         self.trainer = Trainer(settings, self.loader)
         self.webhooks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkvsam-webhook")
         self.counters = {"predict_requests": 0, "tasks": 0, "errors": 0, "webhooks": 0}
+        # a worker that died while training left its run behind: settle it (off the start-up path)
+        self.webhooks.submit(self._recover_training)
+
+    def _recover_training(self) -> None:
+        try:
+            self.trainer.recover_stale()
+        except Exception:
+            logger.exception("recovering an interrupted training run failed")
 
     @property
     def manager(self):
@@ -232,12 +240,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.get("/metrics")
     def metrics() -> Response:
         manager = get_manager(settings)
+        train_state = backend.trainer.state()
         return jsonify(
             {
                 **backend.counters,
                 **manager.stats,
                 "model_version": manager.version,
-                "training": backend.trainer.running,
+                "training": backend.trainer.running or bool(train_state.get("active")),
+                "annotations_pending_training": int(train_state.get("new", 0)),
+                "annotations_not_stored": train_state.get("skipped", {}),
             }
         )
 

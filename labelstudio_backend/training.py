@@ -3,8 +3,11 @@
 Layout under ``MODEL_DIR``::
 
     projects.json          projects the backend was set up for (id -> labeling config)
-    dataset/<sample>/      one instance-folder sample per annotation (rwkvsam_core.data format)
-    train_state.json       annotations stored since the last run, run history
+    dataset/<sample>/      one instance-folder sample per annotation (rwkvsam_core.data format;
+                           meta.json also holds "boxes": per mask, the XYXY pixel box of the
+                           annotation's rectangle that prompted it, or null)
+    train_state.json       annotations stored since the last run, the run in progress ("active"),
+                           run history, annotations not stored and why ("skipped")
     runs/<run>/            work folder and log of each fine-tuning run
     models/<version>.safetensors   fine-tuned weights (written by the engine, moved here atomically)
     state.json             the weights every worker serves and their version (see model.py)
@@ -12,7 +15,14 @@ Layout under ``MODEL_DIR``::
 
 Every piece of state lives on disk so several gunicorn workers agree; a training run is started by
 whichever worker takes ``train.lock`` and runs ``python -m rwkvsam_core.finetune`` as a child
-process, so predictions keep being served. A failed run changes nothing but the log.
+process (through :mod:`labelstudio_backend.train_child`, which ends it when that worker dies), so
+predictions keep being served. A failed run changes nothing but the log.
+
+A worker that dies while training (killed, out of memory) releases ``train.lock`` with its process,
+but leaves ``active`` in ``train_state.json``. Any worker that then takes the lock (at start-up or
+before its next run) sees the record and recovers: a run whose final checkpoint exists (written
+atomically by the engine, so it is complete) is swapped in; otherwise the run is recorded as
+abandoned, its annotations count again and a new run starts.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from .convert import ConversionError, LabelConfig, masks_from_annotation, parse_label_config
+from .convert import (
+    ConversionError,
+    LabelConfig,
+    masks_from_annotation,
+    pair_boxes_with_masks,
+    parse_label_config,
+    rectangles_from_results,
+)
 from .images import ImageError, ImageLoader, task_image_url
 from .model import STATE_FILE, atomic_write_json, base_identity, current_served, get_manager, read_json
 from .settings import Settings
@@ -102,17 +120,52 @@ class ProjectRegistry:
 
 
 def _child_env() -> dict[str, str]:
-    """Environment of the training process: ours, with the folder holding rwkvsam_core importable."""
+    """Environment of the training process: ours, with rwkvsam_core and this package importable."""
     import rwkvsam_core
 
     env = dict(os.environ)
-    src = str(Path(rwkvsam_core.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    dirs = {str(Path(m.__file__).resolve().parent.parent) for m in (rwkvsam_core, sys.modules[__package__])}
+    env["PYTHONPATH"] = os.pathsep.join([*sorted(dirs), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def _process_running(pid: int, marker: str) -> bool:
+    """True when process ``pid`` runs and its command line holds ``marker`` (guards against pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and marker in cmdline
+
+
+def _stop_process(pid: int, marker: str, wait: float = 15.0) -> None:
+    """SIGTERM (then SIGKILL) the process ``pid`` if it still runs ``marker``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _process_running(pid, marker):
+            return
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+        end = time.monotonic() + wait
+        while time.monotonic() < end and _process_running(pid, marker):
+            time.sleep(0.1)
+
+
+def _add_boxes(folder: Path, boxes: list[np.ndarray | None]) -> None:
+    """Record each mask's box prompt in the sample's meta.json ("boxes": XYXY pixels or null)."""
+    meta_path = folder / "meta.json"
+    meta = read_json(meta_path)
+    if meta is None:
+        raise OSError(f"{meta_path} is missing or unreadable")
+    meta["boxes"] = [None if b is None else [round(float(v), 2) for v in b] for b in boxes]
+    atomic_write_json(meta_path, meta)
 
 
 class Trainer:
     """Stores accepted annotations and runs fine-tuning in the background."""
+
+    #: the module run (as ``__main__``) in the training child process
+    FINETUNE_MODULE = "rwkvsam_core.finetune"
 
     def __init__(self, settings: Settings, loader: ImageLoader | None = None) -> None:
         self.settings = settings
@@ -134,6 +187,13 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return read_json(self.root / TRAIN_STATE) or {"new": 0, "runs": []}
 
+    def _count_skip(self, reason: str) -> None:
+        def bump(s: dict[str, Any]) -> None:
+            skipped = s.setdefault("skipped", {})
+            skipped[reason] = int(skipped.get(reason, 0)) + 1
+
+        self._update_state(bump)
+
     # ------------------------------------------------------------------ annotations
     @staticmethod
     def sample_name(pid: int, task_id: Any, annotation_id: Any) -> str:
@@ -151,10 +211,23 @@ class Trainer:
         if annotation.get("was_cancelled"):
             self.delete_annotation(pid, task, annotation)
             return f"{name}: skipped (cancelled)"
+        results = annotation.get("result") or []
+        if not isinstance(results, list):
+            raise ConversionError("annotation.result is not a list")
         names = [t.name for t in config.output_tags]
-        masks, labels, size = masks_from_annotation(annotation.get("result") or [], names)
+        masks, labels, size = masks_from_annotation(results, names)
         if not masks:
-            return f"{name}: no brush or polygon masks"
+            # A rectangle is a prompt, not a mask: an annotation without brush or polygon regions
+            # gives no training target. Drop what an earlier version of it may have stored.
+            rects = len(rectangles_from_results(results, [t.name for t in config.rectangles] or None))
+            removed = self.delete_annotation(pid, task, annotation).endswith("removed")
+            self._count_skip("no_mask")
+            why = (
+                f"{rects} rectangle(s) but no brush or polygon mask" if rects else "no brush or polygon mask"
+            )
+            msg = f"{name}: {why}: no training target, not stored"
+            logger.info("%s%s", msg, " (its earlier version was removed)" if removed else "")
+            return msg
         image = self.loader.load(task_image_url(task, config.image_key))
         h, w = image.shape[:2]
         if size != (h, w):
@@ -162,14 +235,28 @@ class Trainer:
 
             logger.warning("%s: masks are %s but the image is %sx%s: resizing masks", name, size, h, w)
             masks = [np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in masks]
+        # the rectangles are in percent: read them at the image's size, like the masks now are
+        sized = [{**r, "original_width": w, "original_height": h} for r in results if isinstance(r, dict)]
+        rects = rectangles_from_results(sized, [t.name for t in config.rectangles] or None)
+        boxes = pair_boxes_with_masks(masks, labels, rects)
         from rwkvsam_core.data import write_instance_sample
 
-        write_instance_sample(self.dataset, name, image, np.stack(masks), [lab or "object" for lab in labels])
+        folder = write_instance_sample(
+            self.dataset, name, image, np.stack(masks), [lab or "object" for lab in labels]
+        )
+        _add_boxes(folder, boxes)
         state = self._update_state(lambda s: s.__setitem__("new", int(s.get("new", 0)) + 1))
-        logger.info("%s: stored %d mask(s); %d new since the last training", name, len(masks), state["new"])
+        paired = sum(b is not None for b in boxes)
+        logger.info(
+            "%s: stored %d mask(s) (%d with the rectangle that prompted it); %d new since the last training",
+            name,
+            len(masks),
+            paired,
+            state["new"],
+        )
         if self.settings.train_every and state["new"] >= self.settings.train_every:
             self.start_training(reason=f"{state['new']} new annotations")
-        return f"{name}: stored {len(masks)} mask(s)"
+        return f"{name}: stored {len(masks)} mask(s), {paired} with a box"
 
     def delete_annotation(self, pid: int, task: dict[str, Any], annotation: dict[str, Any]) -> str:
         try:
@@ -214,16 +301,83 @@ class Trainer:
                 self._update_state(lambda s: s.__setitem__("pending", True))
                 logger.info("another worker is training: a new run will follow (%s)", reason)
                 return
+            self._recover_locked()
             while True:
-                self._update_state(lambda s: (s.__setitem__("pending", False), s.__setitem__("new", 0)))
+                consumed = self._begin_run()
                 try:
-                    self.run_once(reason)
+                    self.run_once(reason, consumed=consumed)
                 except Exception:  # a failed run must never take the worker down
                     logger.exception("fine-tuning run crashed; the previous model keeps serving")
+                finally:
+                    self._update_state(lambda s: s.pop("active", None))
                 state = self.state()
                 if not state.get("pending"):
                     break
                 reason = "annotations arrived during the previous run"
+
+    def _begin_run(self) -> int:
+        """Reset the new-annotation count and the pending flag; returns the count consumed."""
+        consumed = [0]
+
+        def begin(s: dict[str, Any]) -> None:
+            consumed[0] = int(s.get("new", 0))
+            s["pending"], s["new"] = False, 0
+
+        self._update_state(begin)
+        return consumed[0]
+
+    # ------------------------------------------------------------------ recovery
+    def recover_stale(self) -> str | None:
+        """Recover from a worker that died while training (see the module docstring).
+
+        Does nothing while a live worker holds ``train.lock``. When a run was abandoned, a new one
+        is started. Returns what was done (for logs), or None when there was nothing to do.
+        """
+        if not self.state().get("active"):
+            return None
+        with _flock(self.root / "train.lock", blocking=False) as held:
+            if held is None:
+                return None  # a live worker is training: its record is not stale
+            done = self._recover_locked()
+        if done and self.state().get("pending"):
+            self.start_training(reason="the run of a worker that died")
+        return done
+
+    def _recover_locked(self) -> str | None:
+        """With ``train.lock`` held: settle a run left ``active`` by a dead worker."""
+        for tmp in (self.root / "models").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)  # a copy interrupted in swap_in
+        active = self.state().get("active")
+        if not active:
+            return None
+        run_dir = str(active.get("run_dir", ""))
+        child = active.get("child_pid")
+        if child and run_dir:
+            _stop_process(int(child), run_dir)  # an orphan that outlived its worker must not race on
+        final = Path(run_dir) / "out" / "model.safetensors"
+        generation = int(active.get("generation", 0))
+        record = {k: v for k, v in active.items() if k not in ("consumed",)}
+        record["seconds"] = round(time.time() - float(active.get("started", time.time())), 1)
+        worker = active.get("worker_pid")
+        if final.is_file() and generation == current_served(self.settings).generation + 1:
+            record["recovered"] = f"finished run adopted after worker {worker} died"
+            version = self.swap_in(final, generation, record)
+            self._update_state(lambda s: s.pop("active", None))
+            msg = f"run {run_dir} of worker {worker} (dead) had finished: swapped in as {version}"
+        else:
+            record["rc"] = None
+            record["error"] = f"abandoned: worker {worker} died while training"
+
+            def settle(s: dict[str, Any]) -> None:
+                s.setdefault("runs", []).append(record)
+                s["new"] = int(s.get("new", 0)) + int(active.get("consumed", 0))
+                s["pending"] = True
+                s.pop("active", None)
+
+            self._update_state(settle)
+            msg = f"run {run_dir} was abandoned by worker {worker} (dead): a new run will be started"
+        logger.warning("training recovery: %s", msg)
+        return msg
 
     def _base_checkpoint(self, served_ckpt: str | None) -> str:
         """A checkpoint file of the model served now (the base random init is saved once)."""
@@ -240,15 +394,18 @@ class Trainer:
             save_checkpoint(model, path, metadata={"version": version})
         return str(path)
 
-    def run_once(self, reason: str) -> bool:
-        """One fine-tuning run in a child process; on success the new weights become the served ones."""
+    def run_once(self, reason: str, consumed: int = 0) -> bool:
+        """One fine-tuning run in a child process; on success the new weights become the served ones.
+
+        ``consumed``: annotations this run answers for (they count again if the run is abandoned).
+        """
         served = current_served(self.settings)
         generation = served.generation + 1
         run_dir = self.root / "runs" / f"gen{generation:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.mkdir(parents=True, exist_ok=True)
         base = self._base_checkpoint(served.checkpoint)
         cmd = [
-            sys.executable, "-m", "rwkvsam_core.finetune",
+            sys.executable, "-m", "labelstudio_backend.train_child", str(os.getpid()), self.FINETUNE_MODULE,
             "--data", str(self.dataset),
             "--model", self.settings.model_name,
             "--checkpoint", base,
@@ -261,18 +418,35 @@ class Trainer:
         started = time.time()
         log_path = run_dir / "train.log"
         with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(run_dir), env=_child_env()
+            )
+            active = {
+                "generation": generation,
+                "reason": reason,
+                "run_dir": str(run_dir),
+                "log": str(log_path),
+                "started": started,
+                "worker_pid": os.getpid(),
+                "child_pid": proc.pid,
+                "consumed": consumed,
+            }
+            self._update_state(lambda s: s.__setitem__("active", active))
             try:
-                proc = subprocess.run(
-                    cmd,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=self.settings.train_timeout,
-                    cwd=str(run_dir),
-                    env=_child_env(),
-                )
-                rc = proc.returncode
+                rc = proc.wait(timeout=self.settings.train_timeout)
             except subprocess.TimeoutExpired:
+                logger.error(
+                    "fine-tuning ran over TRAIN_TIMEOUT=%ss: stopping it", self.settings.train_timeout
+                )
                 rc = -1
+            finally:
+                if proc.poll() is None:  # timed out, or this thread is being torn down
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
         record: dict[str, Any] = {
             "generation": generation,
             "reason": reason,
@@ -314,9 +488,13 @@ class Trainer:
         models = self.root / "models"
         models.mkdir(parents=True, exist_ok=True)
         final = models / f"{version}.safetensors"
-        tmp = models / f".{version}.tmp"
-        shutil.copyfile(checkpoint, tmp)
-        os.replace(tmp, final)
+        tmp = models / f".{version}.{os.getpid()}.tmp"
+        try:
+            shutil.copyfile(checkpoint, tmp)
+            os.replace(tmp, final)  # readers see the whole file or none
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         atomic_write_json(
             self.root / STATE_FILE,
             {
@@ -335,20 +513,22 @@ class Trainer:
     def handle_webhook(self, payload: dict[str, Any]) -> str:
         """Act on one webhook payload (called off the request thread). Returns a log line."""
         action = payload.get("action")
+        task, annotation = payload.get("task") or {}, payload.get("annotation") or {}
+        if not isinstance(task, dict) or not isinstance(annotation, dict):
+            return f"{action}: task and annotation must be JSON objects: ignored"
         pid = project_id(payload.get("project"))
         if pid is None:
-            annotation = payload.get("annotation") or {}
             pid = project_id(annotation.get("project"))
         if self.projects.get(pid) is None:
             return f"{action}: project {pid} was not set up with this backend: ignored"
         try:
             if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-                return self.store_annotation(pid, payload.get("task") or {}, payload.get("annotation") or {})
+                return self.store_annotation(pid, task, annotation)
             if action == "ANNOTATIONS_DELETED" or action == "ANNOTATION_DELETED":
-                anns = payload.get("annotations") or [payload.get("annotation") or {}]
-                return "; ".join(
-                    self.delete_annotation(pid, payload.get("task") or {"id": a.get("task")}, a) for a in anns
-                )
+                anns = payload.get("annotations") or [annotation]
+                if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
+                    return f"{action}: annotations must be a list of objects: ignored"
+                return "; ".join(self.delete_annotation(pid, task or {"id": a.get("task")}, a) for a in anns)
             if action == "START_TRAINING":
                 started = self.start_training(reason="START_TRAINING")
                 return "training started" if started else "training not started (running or no data)"

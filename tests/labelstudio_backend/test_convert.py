@@ -18,6 +18,7 @@ from labelstudio_backend.convert import (
     mask_to_polygon,
     mask_to_rle,
     masks_from_annotation,
+    object_start,
     parse_context,
     parse_label_config,
     percent_to_pixel_point,
@@ -27,7 +28,6 @@ from labelstudio_backend.convert import (
     rle_decode,
     rle_encode,
     rle_to_mask,
-    select_object_clicks,
 )
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "ls_rle_vectors.json").read_text())
@@ -158,20 +158,105 @@ def test_parse_context_empty_and_bad():
         parse_context({"result": "nope"})
 
 
-def test_select_object_clicks_rule():
+def test_parse_context_bad_keypoints():
+    for value in ({"x": float("nan"), "y": 5}, {"x": 5, "y": float("inf")}, {"x": "a", "y": 1}, {"y": 1}):
+        item = {**keypoint(0, 0), "value": {**value, "keypointlabels": ["cat"]}}
+        with pytest.raises(ConversionError):
+            parse_context({"result": [item]}, 100, 100)
+    with pytest.raises(ConversionError):
+        parse_context({"result": [{**keypoint(0, 0), "value": "x"}]}, 100, 100)
+    # clicks outside the image are not clicks on it: ignored, the others are kept
+    p = parse_context(
+        {"result": [keypoint(-5, 50), keypoint(50, 150), keypoint(100, 100), keypoint(20, 30)]}, 200, 100
+    )
+    assert [(c.x, c.y) for c in p.clicks] == [(200, 100), (40, 30)]
+    assert parse_context({"result": [keypoint(120, 50)]}, 200, 100) is None
+
+
+def test_pair_boxes_with_masks():
+    from labelstudio_backend.convert import BoxPrompt, pair_boxes_with_masks
+
+    def mask(x0, y0, x1, y1):
+        m = np.zeros((100, 100), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    a, b = mask(10, 10, 40, 40), mask(60, 60, 90, 95)
+    box_a = BoxPrompt(np.array([8.0, 9, 42, 41]), "cat")
+    box_b = BoxPrompt(np.array([58.0, 58, 92, 96]), "dog")
+    loose = BoxPrompt(np.array([0.0, 0, 100, 100]), "cat")  # holds everything, but IoU with a is low
+    tight = BoxPrompt(np.array([10.0, 10, 25, 40]), "cat")  # half of a sticks out
+    out = pair_boxes_with_masks([a, b], ["cat", "dog"], [loose, tight, box_b, box_a])
+    np.testing.assert_array_equal(out[0], box_a.box)
+    np.testing.assert_array_equal(out[1], box_b.box)
+    assert pair_boxes_with_masks([a, b], ["cat", "cat"], [box_b])[1] is None  # labels differ
+    assert pair_boxes_with_masks([b], [None], [box_b])[0] is not None  # an unlabelled mask pairs by geometry
+    twice = pair_boxes_with_masks([a, a], ["cat", "cat"], [box_a])
+    assert sum(x is not None for x in twice) == 1  # one rectangle prompts one mask
+    assert pair_boxes_with_masks([a], ["cat"], [loose, tight]) == [None]
+    assert pair_boxes_with_masks([np.zeros((100, 100), bool)], ["cat"], [box_a]) == [None]
+
+
+def _rule(clicks, single_masks):
+    """object_start with ``single_masks[i]`` as the mask of click i alone; also returns the calls."""
+    calls = []
+
+    def joins(i, owners):
+        calls.append(i)
+        m = single_masks[i]
+        return any(m[int(q.y), int(q.x)] for q in owners)
+
+    start = object_start(clicks, joins)
+    return clicks[start:], calls
+
+
+def test_object_start_rule():
     h, w = 50, 50
     left = np.zeros((h, w), bool)
     left[:, :25] = True
-    everything = np.ones((h, w), bool)
-    a, b, c = Click(5, 5, True, "x"), Click(10, 10, True, "x"), Click(40, 40, True, "x")
-    neg = Click(20, 20, False, "x")
-    # c is the newest click; b lies outside mask(c) (right half) -> b and a belong to another object
-    assert select_object_clicks([a, b, c], [None, ~left, None]) == [c]
-    # b inside mask([c]) and a inside mask([b, c]) -> all three
-    assert select_object_clicks([a, b, c], [everything, everything, None]) == [a, b, c]
-    # negative clicks are kept while walking back; a positive click after only negatives is kept
-    assert select_object_clicks([b, neg], [None, None]) == [b, neg]
-    assert select_object_clicks([a, neg, c], [~left, None, None]) == [neg, c]
+    right, everything = ~left, np.ones((h, w), bool)
+    a, a2 = Click(5, 5, True, "x"), Click(10, 30, True, "x")  # an object on the left
+    b, c = Click(30, 10, True, "x"), Click(40, 40, True, "x")  # another object on the right
+    neg_a, neg_b = Click(20, 20, False, "x"), Click(45, 5, False, "x")
+    masks = {id(a): left, id(a2): left, id(b): right, id(c): right}  # Click is not hashable
+
+    def kept(clicks):
+        return _rule(clicks, [masks.get(id(k), everything) for k in clicks])[0]
+
+    # two objects of the same label: the mask of b alone does not reach a -> b starts a new object
+    assert kept([a, b, c]) == [b, c]
+    assert kept([a, a2, b]) == [b]
+    # clicks on one object stay together
+    assert kept([a, a2]) == [a, a2]
+    assert _rule([a, b, c], [everything] * 3)[0] == [a, b, c]
+    # a negative click corrects the current object...
+    assert kept([a, neg_a]) == [a, neg_a]
+    assert kept([a, b, neg_b]) == [b, neg_b]
+    assert kept([a, neg_a, a2, neg_b]) == [a, neg_a, a2, neg_b]
+    # ...and stays with it when the next positive click starts another object
+    assert kept([a, neg_a, b]) == [b]
+    assert kept([a, neg_a, b, neg_b]) == [b, neg_b]
+    # negative clicks before any positive one belong to the first object; no test is needed there
+    clicks, calls = _rule([neg_a, a, a2], [everything] * 3)
+    assert clicks == [neg_a, a, a2] and calls == [2]
+    # the membership test runs once per positive click after the first, never for negative ones
+    clicks = [a, neg_a, a2, neg_b, b]
+    assert _rule(clicks, [masks.get(id(k), everything) for k in clicks]) == ([b], [2, 4])
+
+
+def test_object_start_resumes_from_a_recorded_decision():
+    a, b, c, d = (Click(x, x, True, "x") for x in (5, 15, 25, 35))
+    same = {1: True, 2: False, 3: True}  # b joins a, c starts an object, d joins c
+    seen = []
+    record = []
+    full = object_start(
+        [a, b, c, d], lambda i, o: seen.append(i) or same[i], record=lambda j, s: record.append((j, s))
+    )
+    assert full == 2 and seen == [1, 2, 3] and record == [(2, 0), (3, 2), (4, 2)]
+    # knowing that the object of [a, b, c] starts at 2, only d is tested
+    seen.clear()
+    assert object_start([a, b, c, d], lambda i, o: seen.append(i) or same[i], start=2, first=3) == 2
+    assert seen == [3]
 
 
 # ------------------------------------------------------------------------------------------ tasks

@@ -197,3 +197,19 @@ def test_task_image_url():
         task_image_url({"data": {"a": "1", "b": "2"}}, "image")
     with pytest.raises(ImageError):
         task_image_url({"data": "nope"}, "image")
+
+
+def test_decoded_images_are_reused_only_for_the_same_bytes(settings, doc_root):
+    loader = ImageLoader(settings)
+    url = "/data/local-files/?d=imgs/a.png"
+    first = loader.load(url)
+    assert loader.load(url) is first and loader.decoded_hits == 1  # same bytes: no second decode
+    with pytest.raises(ValueError):
+        first[0, 0, 0] = 1  # shared, so read-only
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(doc_root / "imgs" / "a.png")  # the file changes
+    changed = loader.load(url)
+    assert changed.shape == (10, 20, 3) and changed[0, 0].tolist() == [1, 2, 3]
+    for i in range(ImageLoader.DECODED_ITEMS + 2):  # bounded
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(doc_root / "imgs" / f"n{i}.png")
+        loader.load(f"/data/local-files/?d=imgs/n{i}.png")
+    assert len(loader._decoded) == ImageLoader.DECODED_ITEMS

@@ -11,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from ls_helpers import CONFIG, IMAGE_H, IMAGE_W, POLYGON_CONFIG, keypoint, local, rect
 
 from labelstudio_backend.convert import rle_to_mask
@@ -324,7 +325,7 @@ def test_swapped_weights_bump_the_version_and_are_served(client, settings, app, 
 
 
 class _DiskPredictor:
-    """Stand-in predictor: the low-res mask of a click set is a disk around its first click."""
+    """Stand-in predictor: the mask of a click alone is a disk around it (three equal candidates)."""
 
     def __init__(self, side=100, radius=15):
         import torch
@@ -334,46 +335,168 @@ class _DiskPredictor:
         self.original_size = (side, side)
         self.transform = ResizeLongestSide(side)
         self.device = torch.device("cpu")
-        self.model = type("M", (), {"image_size": side})()
         self.radius = radius
-        self.calls = 0
+        self.calls = []
+        outer = self
 
-    def predict_torch(
-        self, coords, labels, boxes=None, mask_input=None, multimask_output=True, return_logits=False
-    ):
-        import torch
+        class Model:
+            image_size = side
 
-        self.calls += 1
-        n, low = coords.shape[0], self.original_size[0] // 4
-        yy, xx = torch.meshgrid(torch.arange(low) * 4.0, torch.arange(low) * 4.0, indexing="ij")
-        out = torch.empty(n, 1, low, low)
-        for i in range(n):
-            x, y = coords[i, 0]
-            out[i, 0] = self.radius - torch.sqrt((xx - x) ** 2 + (yy - y) ** 2)
-        return None, torch.full((n, 1), 0.5), out
+            @staticmethod
+            def decode(feats, point_coords, point_labels, multimask_output=True, **kw):
+                assert point_coords.shape == (1, 1, 2) and multimask_output
+                x, y = (float(v) for v in point_coords[0, 0])
+                outer.calls.append((x, y))
+                low = side // 4
+                yy, xx = torch.meshgrid(torch.arange(low) * 4.0, torch.arange(low) * 4.0, indexing="ij")
+                disk = outer.radius - torch.sqrt((xx - x) ** 2 + (yy - y) ** 2)
+                return disk.expand(1, 3, low, low).clone(), torch.tensor([[0.2, 0.7, 0.5]])
+
+        self.model = Model()
+
+    def get_features(self):
+        return type("F", (), {"tensors": {}})()
 
 
-def test_object_clicks_one_batched_pass_maps_rows_to_clicks():
-    from labelstudio_backend.convert import Click
+def _manager(settings):
     from labelstudio_backend.model import ModelManager
 
+    return ModelManager(settings)
+
+
+def test_object_clicks_two_objects_of_one_label(settings):
+    from labelstudio_backend.convert import Click
+
     a, b, c = Click(10, 10, True, "x"), Click(80, 80, True, "x"), Click(85, 85, True, "x")
-    near_b = Click(72, 76, True, "x")
-    neg = Click(50, 50, False, "x")
-    pred = _DiskPredictor()
+    pred, manager = _DiskPredictor(), _manager(settings)
+    kept, single = manager.object_clicks(pred, [a, b], "img")
+    assert kept == [b] and pred.calls == [(80, 80)]  # b's disk does not reach a: a new object
+    low_res, score = single  # the mask of b alone is the answer: it is not decoded again
+    assert tuple(low_res.shape) == (1, 1, 25, 25) and score == pytest.approx(0.7)
+    assert low_res[0, 0, 20, 20] > 0 and low_res[0, 0, 2, 2] < 0
+    kept, single = manager.object_clicks(pred, [a, b, c], "img")
+    assert kept == [b, c] and single is None  # c's disk holds b: the same object
+    assert pred.calls == [(80, 80), (85, 85)]  # only the new click was decoded
 
-    def kept(clicks):
-        return ModelManager.object_clicks(pred, clicks)[0]
 
-    assert kept([a, b, c]) == [b, c]  # a is far from b: an earlier object
-    assert pred.calls == 1  # every candidate click set in one decoder pass
-    assert kept([near_b, b, c]) == [near_b, b, c]
-    assert kept([a, neg, b, neg]) == [neg, b, neg]
-    assert kept([c]) == [c]
-    clicks, low_res, score = ModelManager.object_clicks(pred, [near_b, b, c])
-    assert tuple(low_res.shape) == (1, 1, 25, 25) and score == 0.5
-    # the returned logits are the row of the kept clicks: a disk around their first click (near_b)
-    assert low_res[0, 0, 76 // 4, 72 // 4] > 0 and low_res[0, 0, 0, 0] < 0
+def test_object_clicks_negative_click_corrects_the_current_object(settings):
+    from labelstudio_backend.convert import Click
+
+    a, b = Click(10, 10, True, "x"), Click(80, 80, True, "x")
+    neg_a, neg_b = Click(20, 20, False, "x"), Click(90, 70, False, "x")
+    pred, manager = _DiskPredictor(), _manager(settings)
+    assert manager.object_clicks(pred, [a, neg_a], "img") == ([a, neg_a], None)
+    assert pred.calls == []  # a negative click needs no test
+    kept, _ = manager.object_clicks(pred, [a, neg_a, b, neg_b], "img")
+    assert kept == [b, neg_b]  # neg_a corrected the first object and stays with it
+    assert pred.calls == [(80, 80)]
+
+
+def test_object_clicks_are_decided_once_per_image_and_cold_requests_agree(settings):
+    from labelstudio_backend.convert import Click
+
+    near = [Click(70 + 2 * i, 72 + i, True, "x") for i in range(4)]
+    far = Click(10, 10, True, "x")
+    clicks = [far, *near]
+    warm_pred, warm = _DiskPredictor(), _manager(settings)
+    for k in range(1, len(clicks) + 1):  # the requests as Label Studio sends them, one click more each
+        warm_kept, _ = warm.object_clicks(warm_pred, clicks[:k], "img")
+    assert len(warm_pred.calls) == len(clicks) - 1  # every click after the first decoded once
+    cold_pred, cold = _DiskPredictor(), _manager(settings)
+    cold_kept, _ = cold.object_clicks(cold_pred, clicks, "img")  # a worker that saw none of them
+    assert cold_kept == warm_kept == near
+    assert cold_pred.calls == warm_pred.calls
+    before = len(warm_pred.calls)
+    assert warm.object_clicks(warm_pred, clicks, "img")[0] == near  # a repeated request: no decode
+    assert warm.object_clicks(warm_pred, clicks, "other image")[0] == near  # other image: decided anew
+    assert len(warm_pred.calls) == before + len(clicks) - 1
+
+
+def test_object_clicks_cold_work_is_bounded_by_the_window(settings):
+    from labelstudio_backend.convert import Click
+
+    clicks = [Click(20 + i, 20 + i, True, "x") for i in range(40)]  # one object, every disk holds the last
+    pred, manager = _DiskPredictor(), _manager(settings)
+    kept, _ = manager.object_clicks(pred, clicks, "img", window=8)
+    assert kept == clicks[-8:] and len(pred.calls) == 7  # only the newest 8 clicks were decided
+    kept, _ = manager.object_clicks(pred, [*clicks, Click(61, 61, True, "x")], "img", window=8)
+    assert kept == clicks[-8:] + [Click(61, 61, True, "x")] and len(pred.calls) == 8  # then one a click
+
+
+def test_interactive_click_paths_with_the_real_model(client, settings, monkeypatch):
+    """Decoder passes per request and the answer of each path, with the grouping decision forced."""
+    from labelstudio_backend.model import ModelManager
+
+    task = {"id": 1, "data": {"image": local("b.png")}}
+    manager = get_manager(settings)
+
+    def masks_of(ctx):
+        before = manager.stats["decodes"]
+        (res,) = _predict(client, [task], {"result": ctx})
+        return _mask(res["result"][0]), manager.stats["decodes"] - before
+
+    first, d = masks_of([keypoint(30, 50)])
+    assert d == 1
+    alone, _ = masks_of([keypoint(70, 30)])  # the second click on its own
+    monkeypatch.setattr(ModelManager, "low_res_contains", staticmethod(lambda *a: False))
+    new_object, d = masks_of([keypoint(30, 50), keypoint(70, 30)])
+    assert d == 1  # decoded alone once, and that mask is the answer
+    np.testing.assert_array_equal(new_object, alone)
+    monkeypatch.setattr(ModelManager, "low_res_contains", staticmethod(lambda *a: True))
+    same, d = masks_of([keypoint(30, 50), keypoint(72, 32)])
+    assert d == 2  # the new click alone, then the object's two clicks together
+    predictor, _ = manager.predictor_for(manager_image(client, task))
+    expect, _, _ = predictor.predict(
+        point_coords=np.array([[0.30 * IMAGE_W, 0.50 * IMAGE_H], [0.72 * IMAGE_W, 0.32 * IMAGE_H]]),
+        point_labels=np.array([1, 1]),
+        multimask_output=False,
+    )
+    np.testing.assert_array_equal(same, expect[0])
+    _, d = masks_of([keypoint(30, 50), keypoint(72, 32), keypoint(60, 60, positive=False)])
+    assert d == 1  # a negative click: only the object's clicks are decoded
+
+
+def manager_image(client, task):
+    backend = client.application.extensions["rwkvsam_backend"]
+    return backend.loader.load(task["data"]["image"])
+
+
+def test_box_and_clicks_inside_it_are_decoded_together(client, settings, monkeypatch):
+    manager = get_manager(settings)
+    manager.get_model()
+    calls = []
+    real = manager._predictor_and_key
+
+    def spy(image):
+        predictor, version, key = real(image)
+        orig = predictor.predict
+
+        def predict(*a, **k):
+            calls.append(k)
+            return orig(*a, **k)
+
+        predictor.predict = predict
+        return predictor, version, key
+
+    monkeypatch.setattr(manager, "_predictor_and_key", spy)
+    task = {"id": 1, "data": {"image": local("a.png")}}
+    ctx = {
+        "result": [
+            keypoint(90, 90),  # outside the box: another object's click, ignored
+            rect(10, 10, 50, 50, "dog"),
+            keypoint(20, 20),
+            keypoint(30, 40, positive=False),
+        ]
+    }
+    before = manager.stats["decodes"]
+    (res,) = _predict(client, [task], ctx)
+    assert manager.stats["decodes"] - before == 1 and len(calls) == 1
+    (k,) = calls
+    np.testing.assert_allclose(k["box"], [16, 12, 96, 72])
+    np.testing.assert_allclose(k["point_coords"], [[32, 24], [48, 48]])
+    np.testing.assert_array_equal(k["point_labels"], [1, 0])
+    assert res["result"][0]["value"]["brushlabels"] == ["dog"]
+    assert _outside_box(_mask(res["result"][0]), (16, 12, 96, 72)) == 0
 
 
 def test_many_clicks_of_two_objects_with_the_real_model(client):
@@ -389,3 +512,87 @@ def test_many_clicks_of_two_objects_with_the_real_model(client):
     }
     (res,) = _predict(client, [task], ctx)
     assert len(res["result"]) == 1 and res["result"][0]["type"] == "brushlabels"
+
+
+def test_predict_refuses_a_config_without_brush_or_image(client):
+    for config in (
+        '<View><Image name="image" value="$image"/><Choices name="c" toName="image"/></View>',
+        '<View><Text name="t" value="$t"/><BrushLabels name="b" toName="t"/></View>',
+        "<View><not xml",
+    ):
+        r = client.post("/predict", json={"tasks": [{"id": 1, "data": {}}], "label_config": config})
+        assert r.status_code == 400 and r.get_json()["status"] == "error", config
+
+
+def test_bad_boxes_in_batch_are_skipped_and_the_good_ones_served(client):
+    good = rect(10, 10, 50, 50, "dog")
+    bad = [
+        rect(10, 10, 0, 30),  # empty
+        rect(150, 10, 20, 20),  # outside the image: clipped to nothing
+        {**rect(5, 5, 10, 10), "value": {"x": "a", "y": 1, "width": 2, "height": 3}},
+        {
+            **rect(5, 5, 10, 10),
+            "value": {"x": 5, "y": 5, "width": 10, "height": 10, "rotation": float("nan")},
+        },
+        {k: v for k, v in rect(5, 5, 10, 10).items() if k != "original_width"},
+        "not a region",
+    ]
+    task = {"id": 1, "data": {"image": local("a.png")}, "annotations": [{"id": 1, "result": [*bad, good]}]}
+    (res,) = _predict(client, [task])
+    assert [r["value"]["brushlabels"] for r in res["result"]] == [["dog"]]
+
+
+def test_bad_clicks_give_an_empty_result_not_an_error(client):
+    task = {"id": 1, "data": {"image": local("a.png")}}
+    nan = {**keypoint(10, 10), "value": {"x": float("nan"), "y": 5, "keypointlabels": ["cat"]}}
+    for ctx in (
+        {"result": [keypoint(20, 20), nan]},
+        {"result": [keypoint(150, 20)]},  # outside the image
+        {"result": "nope"},
+        {"result": [{"type": "keypointlabels", "value": [1, 2]}]},
+    ):
+        (res,) = _predict(client, [task], ctx)
+        assert res["result"] == [], ctx
+    (res,) = _predict(client, [task], {"result": [keypoint(150, 20), keypoint(20, 20)]})
+    assert len(res["result"]) == 1  # the click on the image is served
+
+
+def test_malformed_webhooks_never_break_the_worker(client, app, settings):
+    assert client.post("/setup", json={"project": "5.1", "schema": CONFIG}).status_code == 200
+    trainer = app.extensions["rwkvsam_backend"].trainer
+    bad = [
+        {"action": "ANNOTATION_CREATED", "project": 5, "annotation": "x", "task": {"id": 1}},
+        {
+            "action": "ANNOTATION_CREATED",
+            "project": 5,
+            "annotation": {"id": 1, "result": "x"},
+            "task": {"id": 1},
+        },
+        {
+            "action": "ANNOTATION_CREATED",
+            "project": 5,
+            "annotation": {"id": "a", "result": []},
+            "task": {"id": 1},
+        },
+        {
+            "action": "ANNOTATION_UPDATED",
+            "project": 5,
+            "annotation": {"id": 2, "result": [1, None]},
+            "task": [],
+        },
+        {"action": "ANNOTATIONS_DELETED", "project": 5, "annotations": "all"},
+        {
+            "action": "ANNOTATION_CREATED",
+            "project": 5,
+            "annotation": {"id": 3},
+            "task": {"id": 4, "data": {}},
+        },
+        {"action": "START_TRAINING", "project": "nope"},
+    ]
+    for payload in bad:
+        assert client.post("/webhook", json=payload).status_code == 201
+        msg = trainer.handle_webhook(payload)  # what the background thread logs for it
+        assert isinstance(msg, str) and msg, payload
+    assert not trainer.dataset.exists() or trainer.num_samples() == 0
+    (res,) = _predict(client, [{"id": 1, "data": {"image": local("a.png")}}], {"result": [keypoint(50, 50)]})
+    assert len(res["result"]) == 1
