@@ -121,13 +121,15 @@ class FinetuneConfig:
 @dataclass
 class FinetuneResult:
     """What a run produced: the final safetensors ``checkpoint``, ``steps`` done, per-step ``history``
-    (dicts with step, loss, lr, ...) and the number of ``skipped`` corrupt samples."""
+    (dicts with step, loss, lr, ...), the number of ``skipped`` corrupt samples, and whether the run
+    ``finished`` (False when its time limit stopped it; the checkpoint's config says the same)."""
 
     checkpoint: Path
     steps: int
     history: list[dict[str, Any]]
     skipped: int = 0
     output_dir: Path | None = None
+    finished: bool = True
 
 
 def set_trainable(model: nn.Module, parts: Sequence[str]) -> list[nn.Parameter]:
@@ -578,12 +580,20 @@ def train(
     if info.is_main:
         from ..checkpoint import save_checkpoint
 
-        meta = {"steps": step, "train_parts": list(cfg.train_parts)}
+        # a run stopped by its time limit still writes its weights, marked unfinished
+        meta = {"steps": step, "train_parts": list(cfg.train_parts), "finished": step >= cfg.steps}
         meta.update(metadata or {})
         save_checkpoint(model, final, metadata=meta)
         _write_json_atomic(out / "history.json", history)
     barrier()
-    return FinetuneResult(checkpoint=final, steps=step, history=history, skipped=skipped, output_dir=out)
+    return FinetuneResult(
+        checkpoint=final,
+        steps=step,
+        history=history,
+        skipped=skipped,
+        output_dir=out,
+        finished=step >= cfg.steps,
+    )
 
 
 def run_finetune(

@@ -135,12 +135,14 @@ def test_time_limit_stops_with_state_saved_and_resume_finishes(instance_dir: Pat
     out = tmp_path / "run"
     # a zero budget runs out after the first step: that step is saved, the run returns early
     res = run_finetune(tiny_model(), ds, small_cfg(steps=3, save_every=100, time_limit_s=0.0), out)
-    assert res.steps == 1
+    assert res.steps == 1 and not res.finished
+    assert load_checkpoint(res.checkpoint).config["finished"] is False
     state = torch.load(out / "train_state.pt", weights_only=False)
     assert state["step"] == 1
     # the same config without the limit resumes at step 1 and ends where an uninterrupted run ends
     res2 = run_finetune(tiny_model(), ds, small_cfg(steps=3, save_every=100), out)
-    assert res2.steps == 3 and [h["step"] for h in res2.history] == [1, 2, 3]
+    assert res2.steps == 3 and [h["step"] for h in res2.history] == [1, 2, 3] and res2.finished
+    assert load_checkpoint(res2.checkpoint).config["finished"] is True
     ref = run_finetune(tiny_model(), ds, small_cfg(steps=3, save_every=100), tmp_path / "ref")
     assert [h["loss"] for h in res2.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-5)
 
