@@ -57,8 +57,8 @@ class FinetuneConfig:
     3 candidates; box prompts and corrective passes train the single-mask output. ``schedule_steps`` is the length of the warm-up + cosine schedule (default ``steps``;
     larger values stop a run part-way along its schedule, to resume later). A step whose gradient norm is not finite is skipped (counted in ``nonfinite_steps``);
     ``max_nonfinite_steps`` such steps in a row stop the run with an error.
-    ``decoder_checkpointing``: recompute the per-prompt upscaling + refine activations in the backward
-    pass, 16 prompts at a time ("on", "off", or "auto": on when training on the CPU, where a batch of
+    ``decoder_checkpointing``: recompute the per-prompt decoder activations (two-way transformer,
+    upscaling, refine) in the backward pass, 16 prompts at a time ("on", "off", or "auto": on when training on the CPU, where a batch of
     4 images with 20 instances each would otherwise keep ~20 GB of them).
     ``time_limit_s``: wall-clock budget of this call; when it runs out the run saves its state and
     returns early (resume later with the same config to finish it).
