@@ -138,12 +138,38 @@ def starter_config(args: argparse.Namespace, steps: int):
     )
 
 
+def set_synth_option(cfg: Any, item: str) -> None:
+    """Apply one ``KEY=VALUE`` to a :class:`training.synth.SynthConfig` (pairs as ``LO:HI``)."""
+    import dataclasses
+
+    key, sep, value = item.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if not sep or key not in fields:
+        raise SystemExit(f"--synth {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+    current = getattr(cfg, key)
+    try:
+        if isinstance(current, tuple):
+            parsed: Any = tuple(type(c)(v) for c, v in zip(current, value.split(":"), strict=True))
+        else:
+            parsed = type(current)(value)
+    except ValueError as exc:
+        raise SystemExit(f"--synth {item!r}: {exc}") from None
+    setattr(cfg, key, parsed)
+
+
 def _dataset(args: argparse.Namespace):
     from training.synth import SynthConfig, SynthDataset
     from training.synth.generator import SourcePool
 
     pool = SourcePool.from_pack(args.pack, max_side=max(args.image_size, 512))
-    return SynthDataset(pool, args.samples, seed=args.seed, cfg=SynthConfig(size=args.image_size))
+    cfg = SynthConfig(size=args.image_size)
+    if args.micro_fraction is not None:
+        cfg.micro_fraction = args.micro_fraction
+    if args.real_fraction is not None:
+        cfg.real_fraction = args.real_fraction
+    for item in args.synth or []:
+        set_synth_option(cfg, item)
+    return SynthDataset(pool, args.samples, seed=args.seed, cfg=cfg)
 
 
 def _log_fn(path: Path):
@@ -272,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--num-workers", type=int, default=8)
+    t.add_argument("--micro-fraction", type=float, default=None, help="share of microscopy-style samples")
+    t.add_argument("--real-fraction", type=float, default=None, help="share of real images with real masks")
+    t.add_argument(
+        "--synth",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a training.synth.SynthConfig field, e.g. parts_prob=0.5 or object_scale=0.06:0.95 (repeatable)",
+    )
     s = sub.add_parser("shards", help="model weights as <15 MiB safetensors shards")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--state", help="the engine's train_state.pt")

@@ -57,3 +57,17 @@ def test_export_writes_float16_weights_that_build_model_loads(tmp_path: Path) ->
     for k, v in loaded.state_dict().items():
         if v.is_floating_point():
             torch.testing.assert_close(v.float(), ref[k].float(), atol=1e-2, rtol=1e-3)
+
+
+def test_synth_options_parse_and_reject_unknown_keys() -> None:
+    from training.starter import set_synth_option
+    from training.synth import SynthConfig
+
+    cfg = SynthConfig()
+    set_synth_option(cfg, "parts_prob=0.5")
+    set_synth_option(cfg, "object_scale=0.06:0.95")
+    set_synth_option(cfg, "max_objects=4")
+    assert cfg.parts_prob == 0.5 and cfg.object_scale == (0.06, 0.95) and cfg.max_objects == 4
+    for bad in ("nope=1", "parts_prob", "object_scale=0.5", "max_objects=x"):
+        with pytest.raises(SystemExit):
+            set_synth_option(cfg, bad)

@@ -63,6 +63,12 @@ class SynthConfig:
         global_blur_prob, max_global_blur: same for the whole image after compositing.
         colour_jitter: strength of per-object gain / offset / saturation changes.
         noise_prob: chance of adding Gaussian pixel noise to the final image.
+        parts_prob: chance that a shape object gets 1-4 inner parts with other fills (a face on a
+            head, a label on a box): its mask stays the whole silhouette, so inner edges are not
+            object boundaries.
+        shading_prob: chance that a shape object is lit by a smooth gradient (light from one side).
+        camouflage_prob: chance that a shape object is filled from the same picture as the
+            background, so its boundary has little contrast and only its shape tells it apart.
     """
 
     size: int = 1024
@@ -84,6 +90,9 @@ class SynthConfig:
     max_global_blur: float = 1.2
     colour_jitter: float = 0.25
     noise_prob: float = 0.2
+    parts_prob: float = 0.0
+    shading_prob: float = 0.0
+    camouflage_prob: float = 0.0
 
 
 @dataclass
@@ -389,10 +398,56 @@ def _transform_object(
     return out_rgb[y0:y1, x0:x1], out_m[y0:y1, x0:x1]
 
 
+def _add_parts(rng: np.random.Generator, pool: SourcePool, rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Paint 1-4 smaller shapes with other fills inside ``mask`` (the object's mask is unchanged)."""
+    out = rgb.copy()
+    size = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    if ys.size < 16:
+        return out
+    for _ in range(int(rng.integers(1, 5))):
+        ps = max(4, int(size * rng.uniform(0.12, 0.5)))
+        pm, _ = random_shape_mask(rng, ps)
+        i = int(rng.integers(ys.size))  # centre the part on a pixel of the object
+        y0, x0 = ys[i] - ps // 2, xs[i] - ps // 2
+        canvas = np.zeros((size, size), bool)
+        cy0, cx0, cy1, cx1 = max(0, y0), max(0, x0), min(size, y0 + ps), min(size, x0 + ps)
+        if cy1 <= cy0 or cx1 <= cx0:
+            continue
+        canvas[cy0:cy1, cx0:cx1] = pm[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        canvas &= mask
+        if rng.random() < 0.5:
+            fill = _fill(rng, pool, size, size)
+        else:  # a flat colour (a print, an eye)
+            fill = np.broadcast_to(rng.integers(0, 256, 3).astype(np.uint8), (size, size, 3))
+        out[canvas] = fill[canvas]
+    return out
+
+
+def _shade(rng: np.random.Generator, rgb: np.ndarray) -> np.ndarray:
+    """Multiply by a smooth linear/radial illumination (0.45..1.25)."""
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(a) * (xx / max(1, w - 1) - 0.5) + np.sin(a) * (yy / max(1, h - 1) - 0.5)) + 0.5
+    if rng.random() < 0.5:  # radial highlight
+        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+        t = 1.0 - np.sqrt(((yy - cy) / h) ** 2 + ((xx - cx) / w) ** 2) * 1.4
+    lo, hi = rng.uniform(0.45, 0.8), rng.uniform(1.0, 1.25)
+    g = lo + (hi - lo) * np.clip(t, 0, 1)
+    return np.clip(rgb.astype(np.float32) * g[..., None], 0, 255).astype(np.uint8)
+
+
 def _make_object(
-    rng: np.random.Generator, pool: SourcePool, cfg: SynthConfig, long_side: int, micro: bool
+    rng: np.random.Generator,
+    pool: SourcePool,
+    cfg: SynthConfig,
+    long_side: int,
+    micro: bool,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """One object patch: rgb (h, w, 3) uint8, mask (h, w) bool, label."""
+    """One object patch: rgb (h, w, 3) uint8, mask (h, w) bool, label (``background``: the canvas,
+    for camouflaged fills)."""
     long_side = max(8, int(long_side))
     nuclei = [c for c in pool.cutouts if c.kind == "microscopy"]
     photos = [c for c in pool.cutouts if c.kind != "microscopy"]
@@ -419,7 +474,14 @@ def _make_object(
             label = "nucleus"
         else:
             m, kind = random_shape_mask(rng, long_side, pool.shapes)
-            rgb = _fill(rng, pool, long_side, long_side)
+            if background is not None and cfg.camouflage_prob and rng.random() < cfg.camouflage_prob:
+                rgb = _random_crop(rng, background, long_side, long_side)
+            else:
+                rgb = _fill(rng, pool, long_side, long_side)
+            if cfg.parts_prob and rng.random() < cfg.parts_prob:
+                rgb = _add_parts(rng, pool, rgb, m)
+            if cfg.shading_prob and rng.random() < cfg.shading_prob:
+                rgb = _shade(rng, rgb)
             label = f"shape:{kind}"
         ys, xs = np.nonzero(m)
         if ys.size == 0:
@@ -517,7 +579,12 @@ def _compose_photo(
     lo, hi = cfg.object_scale
     objs = [
         _make_object(
-            rng, pool, cfg, max(8, int(max(h, w) * np.exp(rng.uniform(np.log(lo), np.log(hi))))), False
+            rng,
+            pool,
+            cfg,
+            max(8, int(max(h, w) * np.exp(rng.uniform(np.log(lo), np.log(hi))))),
+            False,
+            background=canvas,
         )
         for _ in range(n)
     ]
