@@ -1,7 +1,8 @@
 """Box -> mask on real objects: a model through ``rwkvsam_core.Predictor`` against the classical baselines.
 
-Every object of the chosen set is prompted with its tight ground-truth box; the model's
-best-scoring mask of its multimask output is kept (``multimask_output=True``, argmax of the scores).
+Every object of the chosen set is prompted with its tight ground-truth box; the model's single-mask
+output is kept (SAM's convention for a box prompt, ``multimask_output=False``); ``--multimask`` keeps
+the best-scoring of the three multimask candidates instead (argmax of the predicted IoU).
 Results: one table per kind of image (photo / microscopy), printed as markdown and saved as JSON
 with per-object records.
 
@@ -83,11 +84,16 @@ def load_set(
     raise SystemExit(f"unknown set {name!r}: use heldout, nuclei20 or seen")
 
 
-def model_predictor(model_name: str, checkpoint: str | None, device: str | None, max_boxes: int = 64) -> Any:
-    """Two functions ``predict(image, boxes (N,4)) -> (N,H,W) bool`` with the best-scoring of the
-    multimask outputs: the raw masks, and the same masks clipped to their boxes (what the napari
-    widget and the Label Studio backend show by default; the classical baselines never leave the box
-    either). The model runs once per image for both."""
+def model_predictor(
+    model_name: str, checkpoint: str | None, device: str | None, max_boxes: int = 64, multimask: bool = False
+) -> Any:
+    """Two functions ``predict(image, boxes (N,4)) -> (N,H,W) bool``: the raw masks, and the same
+    masks clipped to their boxes (what the napari widget and the Label Studio backend show by default;
+    the classical baselines never leave the box either). The model runs once per image for both.
+
+    ``multimask=False`` (SAM's convention for a box, and what the starter weights are trained for:
+    box prompts supervise the single-mask output) keeps the single mask; ``True`` keeps the
+    best-scoring of the three multimask candidates, which are trained on single clicks only."""
     import torch
 
     from rwkvsam_core import Predictor, build_model
@@ -116,7 +122,7 @@ def model_predictor(model_name: str, checkpoint: str | None, device: str | None,
         out = []
         for s in range(0, len(boxes), max_boxes):
             b = boxes[s : s + max_boxes]
-            masks, scores, _ = predictor.predict(box=b if len(b) > 1 else b[0], multimask_output=True)
+            masks, scores, _ = predictor.predict(box=b if len(b) > 1 else b[0], multimask_output=multimask)
             masks, scores = np.asarray(masks), np.asarray(scores)
             if masks.ndim == 3:  # one box: (K, H, W)
                 masks, scores = masks[None], scores[None]
@@ -146,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=None, help="JSON results (default generated_data/eval_<set>.json)"
     )
+    ap.add_argument(
+        "--multimask",
+        action="store_true",
+        help="keep the best of the multimask candidates, not the single mask",
+    )
     ap.add_argument("--images", default=None, help="comma list of image names to keep (smoke runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -169,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         model_label = f"{args.model}" + (
             f" ({Path(args.checkpoint).name})" if args.checkpoint else " (default weights)"
         )
+        if args.multimask:
+            model_label += " multimask best"
         t0 = time.perf_counter()
-        raw, clipped = model_predictor(args.model, args.checkpoint, args.device)
+        raw, clipped = model_predictor(args.model, args.checkpoint, args.device, multimask=args.multimask)
         records += evaluate_method(items, raw, model_label)
         records += evaluate_method(items, clipped, model_label + " clipped to box")
         logger.info("model done in %.1fs", time.perf_counter() - t0)
