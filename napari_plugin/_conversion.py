@@ -274,49 +274,45 @@ def group_prompts(prompts: Prompts) -> PromptBatch:
 
 
 # ---------------------------------------------------------------------------------------------- masks
-def select_masks(masks: np.ndarray, scores: np.ndarray, choice: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Pick one candidate per object.
+def choose_candidates(scores: np.ndarray, choice: int | None) -> np.ndarray:
+    """Which candidate to show for each object.
 
     Args:
-        masks: ``(N, K, H, W)`` bool candidates.
         scores: ``(N, K)`` predicted IoU.
         choice: None for the best-scored candidate of each object, else candidate ``choice % K``.
 
     Returns:
-        ``(masks (N, H, W) bool, chosen (N,) int64)``.
+        ``(N,)`` int64 candidate indices.
     """
-    masks = np.asarray(masks)
     scores = np.asarray(scores)
-    if masks.ndim != 4 or scores.shape != masks.shape[:2]:
-        raise ValueError(
-            f"expected masks (N, K, H, W) and scores (N, K), got {masks.shape} and {scores.shape}"
-        )
+    if scores.ndim != 2:
+        raise ValueError(f"expected scores (N, K), got {scores.shape}")
     n, k = scores.shape
     chosen = np.argmax(scores, axis=1) if choice is None else np.full(n, int(choice) % max(k, 1))
-    return masks[np.arange(n), chosen], chosen.astype(np.int64)
+    return chosen.astype(np.int64)
 
 
-def box_pixel_mask(box: Sequence[float], image_hw: tuple[int, int]) -> tuple[slice, slice]:
-    """Row and column slices of the pixels whose centres lie inside XYXY ``box``."""
-    h, w = image_hw
-    x0, y0, x1, y1 = (float(v) for v in box)
-    c0, c1 = max(int(np.ceil(x0)), 0), min(int(np.floor(x1)), w - 1)
-    r0, r1 = max(int(np.ceil(y0)), 0), min(int(np.floor(y1)), h - 1)
-    return slice(r0, max(r1 + 1, r0)), slice(c0, max(c1 + 1, c0))
+def centre_boxes(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """XYXY boxes -> the inclusive pixel ranges whose pixel centres lie inside them.
 
+    napari draws pixel ``i`` over ``[i - 0.5, i + 0.5]``, so the pixels a rectangle covers by their
+    centres are columns ``ceil(x0) .. floor(x1)`` and rows ``ceil(y0) .. floor(y1)``. The result has
+    integer corners, so any "inclusive pixel box" convention (``rwkvsam_core``'s keeps columns
+    floor(x0) .. ceil(x1)) selects exactly these pixels.
 
-def clip_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
-    """Zero every mask outside its box (``masks (N, H, W)``, ``boxes (N, 4)`` XYXY or None)."""
-    if boxes is None:
-        return masks
-    masks = np.asarray(masks, dtype=bool)
-    if len(boxes) != len(masks):
-        raise ValueError(f"{len(masks)} masks but {len(boxes)} boxes")
-    out = np.zeros_like(masks)
-    for i, box in enumerate(boxes):
-        rows, cols = box_pixel_mask(box, masks.shape[1:])
-        out[i, rows, cols] = masks[i, rows, cols]
-    return out
+    Args:
+        boxes: ``(N, 4)`` XYXY.
+
+    Returns:
+        ``(pixel_boxes (N, 4) float64 XYXY with integer values, empty (N,) bool)``: ``empty`` marks
+        boxes that contain no pixel centre (their pixel box is meaningless).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    out = np.stack(
+        [np.ceil(boxes[:, 0]), np.ceil(boxes[:, 1]), np.floor(boxes[:, 2]), np.floor(boxes[:, 3])], axis=1
+    )
+    empty = (out[:, 0] > out[:, 2]) | (out[:, 1] > out[:, 3])
+    return out, empty
 
 
 def masks_to_label_image(masks: np.ndarray, dtype: np.dtype | type = np.uint8) -> np.ndarray:
@@ -326,6 +322,26 @@ def masks_to_label_image(masks: np.ndarray, dtype: np.dtype | type = np.uint8) -
     for i in range(len(masks) - 1, -1, -1):
         out[masks[i]] = i + 1
     return out
+
+
+def write_changed_region(plane: np.ndarray, new: np.ndarray | None) -> tuple[slice, slice] | None:
+    """Make ``plane`` equal ``new`` (None: all zeros) in place, writing only where they differ.
+
+    Args:
+        plane: ``(H, W)`` array, typically a view into a label layer's data.
+        new: ``(H, W)`` values, or None for zeros.
+
+    Returns:
+        The smallest ``(rows, cols)`` slices that hold every changed pixel, or None if nothing changed.
+    """
+    changed = plane != 0 if new is None else plane != new
+    rows = np.flatnonzero(changed.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(changed.any(axis=0))
+    region = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    plane[region] = 0 if new is None else new[region]
+    return region
 
 
 # --------------------------------------------------------------------------------------------- labels

@@ -59,17 +59,17 @@ from ._conversion import (
     PromptError,
     Prompts,
     SliceIndex,
-    clip_masks_to_boxes,
+    choose_candidates,
     commit_masks,
     current_slice,
     extract_slice,
     group_prompts,
     masks_to_label_image,
     points_to_prompts,
-    select_masks,
     shapes_to_boxes,
     spatial_shape,
     undo_commit,
+    write_changed_region,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +101,8 @@ CONTRAST_DEBOUNCE_MS = 400  # contrast limits must rest this long before the ima
 # in the decode thread meanwhile) lets the decode finish first and draws the prompt and its preview in
 # one redraw. A longer decode (many boxes, a slow machine) is not waited for: it arrives later.
 PREVIEW_WAIT_MS = 250
+THUMBNAIL_DELAY_MS = 300
+PROGRESS_STEPS = 100
 
 
 def _guarded(func):
@@ -127,9 +129,20 @@ class _Prediction:
 
     slice_index: SliceIndex
     batch: PromptBatch
-    masks: np.ndarray  # (N, K, H, W) bool
+    masks: Any  # _engine.MaskCandidates: (N, K, H, W) candidates, upsampled when shown
     scores: np.ndarray  # (N, K)
     signature: tuple = ()
+
+
+@dataclass
+class _SegmentAllRequest:
+    """A "segment all boxes" run: what it decodes, to check on its return that it still applies."""
+
+    seq: int
+    key: Any  # _EmbedKey of the features it decodes with
+    image_id: int
+    shapes: list  # (index, shape type, vertices) of the slice's shapes when it started
+    num_boxes: int
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,7 @@ class RWKVSAMWidget(QWidget):
     committed = Signal(list)
     undone = Signal(list)
     _decoded = Signal(object)  # emitted by the decode thread, delivered on the GUI thread
+    _segmented = Signal(object)  # "segment all boxes" done (decode thread -> GUI thread)
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
@@ -189,8 +203,10 @@ class RWKVSAMWidget(QWidget):
         self._decode_thread = None  # _engine.LatestJobThread, started with the first decode
         self._decode_seq = 0
         self._decode_pending: int | None = None  # id of the latest decode request not answered yet
+        self._segment_all: _SegmentAllRequest | None = None  # "segment all boxes" in the decode thread
         self._worker = None
         self._worker_cancel: threading.Event | None = None
+        self._worker_progress = None  # _engine.EncoderProgress of the running embedding
         self._worker_key: _EmbedKey | None = None
         self._pending_key: _EmbedKey | None = None
         self._failed_key: _EmbedKey | None = None
@@ -214,9 +230,16 @@ class RWKVSAMWidget(QWidget):
         self._contrast_timer.setInterval(CONTRAST_DEBOUNCE_MS)
         self._contrast_timer.timeout.connect(self._on_contrast_settled)
         self._decoded.connect(self._on_decoded)
+        self._segmented.connect(self._on_segmented)
         self._elapsed_timer = QTimer(self)
         self._elapsed_timer.setInterval(200)
         self._elapsed_timer.timeout.connect(self._show_elapsed)
+        # the layer-list thumbnail of the preview is brought up to date once the preview has rested
+        # (1-2 ms that a prompt -> preview update need not wait for)
+        self._thumbnail_timer = QTimer(self)
+        self._thumbnail_timer.setSingleShot(True)
+        self._thumbnail_timer.setInterval(THUMBNAIL_DELAY_MS)
+        self._thumbnail_timer.timeout.connect(self._update_preview_thumbnail)
 
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -356,8 +379,10 @@ class RWKVSAMWidget(QWidget):
         self._preview_timer.stop()
         self._contrast_timer.stop()
         self._elapsed_timer.stop()
+        self._thumbnail_timer.stop()
         self._pending_key = None
         self._decode_pending = None
+        self._segment_all = None
         if self._decode_thread is not None:
             self._decode_thread.close(timeout=0)  # a running decode ends on its own; its result is dropped
         self._cancel_worker()
@@ -679,12 +704,16 @@ class RWKVSAMWidget(QWidget):
     def _start_worker(self, key: _EmbedKey) -> None:
         from superqt.utils import create_worker  # napari's own wrapper adds a traceback notification
 
+        from ._engine import EncoderProgress
+
         cancel = threading.Event()
+        progress = EncoderProgress()
         worker = create_worker(
             _embedding_job,
             key,
             self._image_layer.data,
             cancel,
+            progress,
             _start_thread=False,
             _connect={
                 "returned": self._on_worker_returned,
@@ -695,8 +724,13 @@ class RWKVSAMWidget(QWidget):
         )
         self._worker, self._worker_key, self._pending_key = worker, key, None
         self._worker_cancel = cancel
+        self._worker_progress = progress
         self._worker_started = time.perf_counter()
-        self.progress.setRange(0, 0)
+        # a determinate bar: Qt's busy indicator (range 0..0) animates continuously, and on a small
+        # machine with software OpenGL those repaints of the whole window took half the CPU the
+        # embedding needed (rwkvsam_t at 1024: 4-6.5 s instead of 2 s)
+        self.progress.setRange(0, PROGRESS_STEPS)
+        self.progress.setValue(0)
         self._elapsed_timer.start()
         self._show_elapsed()
         worker.start()
@@ -705,6 +739,7 @@ class RWKVSAMWidget(QWidget):
         if self._worker_key is None:
             return
         where = f" slice {self._worker_key.slice_index}" if self._worker_key.slice_index else ""
+        self.progress.setValue(int(PROGRESS_STEPS * self._worker_progress.fraction))
         elapsed = time.perf_counter() - self._worker_started
         self._set_status(
             f"computing embedding{where} with {self._worker_key.spec.label()}… {elapsed:.1f} s "
@@ -917,11 +952,40 @@ class RWKVSAMWidget(QWidget):
             return
         self._submit_decode(key, batch, signature)
 
-    def _submit_decode(self, key: _EmbedKey, batch: PromptBatch, signature: tuple) -> None:
-        from ._engine import LatestJobThread
-
+    def _decoder(self):
+        """The decode thread (``_engine.LatestJobThread``), started on first use."""
         if self._decode_thread is None:
+            from ._engine import LatestJobThread
+
             self._decode_thread = LatestJobThread()
+        return self._decode_thread
+
+    def _run_in_decoder(self, fn):
+        """Run ``fn`` in the decode thread and wait for its result (its exception is raised here).
+
+        For torch work an action needs at once (a commit whose preview lags behind, another candidate
+        mask): done on the GUI thread, it would give that thread an OpenMP team of its own, and every
+        team beyond the first slows every later decode (see ``_engine``).
+        """
+        done = threading.Event()
+        outcome: list = []
+
+        def job() -> None:
+            try:
+                outcome.append((True, fn()))
+            except Exception as err:  # raised again on the GUI thread
+                outcome.append((False, err))
+            finally:
+                done.set()
+
+        self._decoder().submit(job, replaceable=False)
+        done.wait()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def _submit_decode(self, key: _EmbedKey, batch: PromptBatch, signature: tuple) -> None:
         self._decode_seq += 1
         request = self._decode_seq
         self._decode_pending = request
@@ -941,8 +1005,10 @@ class RWKVSAMWidget(QWidget):
             with contextlib.suppress(RuntimeError):  # the widget was deleted meanwhile
                 deliver(answer[0])
 
-        self._decode_thread.submit(job)
-        if self.preview_wait_ms > 0 and done.wait(self.preview_wait_ms / 1000):
+        self._decoder().submit(job)
+        # a decode queued behind "segment all boxes" would only hold the GUI: no wait then
+        wait = self.preview_wait_ms > 0 and self._segment_all is None
+        if wait and done.wait(self.preview_wait_ms / 1000):
             self._on_decoded(answer[0])  # the queued copy of this answer is then ignored
 
     def _on_decoded(self, answer: tuple) -> None:
@@ -971,13 +1037,33 @@ class RWKVSAMWidget(QWidget):
         pred = self._prediction
         if pred is None:
             return None
-        masks, _ = select_masks(pred.masks, pred.scores, self._choice)
-        if self.clip_check.isChecked():
-            masks = clip_masks_to_boxes(masks, pred.batch.boxes)
-        return masks
+        return self._final_masks(
+            pred.masks, pred.scores, pred.batch.boxes, self._choice, self.clip_check.isChecked()
+        )
+
+    def _final_masks(
+        self, candidates, scores: np.ndarray, boxes: np.ndarray | None, choice: int | None, clip: bool
+    ):
+        """The chosen candidates of ``candidates``, clipped to ``boxes`` if ``clip``: ``(N, H, W)``.
+
+        Candidates not upsampled yet (another one than the best) are upsampled in the decode thread.
+        """
+        from ._engine import clip_masks_to_boxes
+
+        chosen = choose_candidates(scores, choice)
+        if candidates.missing(chosen) and not self._decoder().in_thread():
+            self._run_in_decoder(lambda: candidates.get(chosen))
+        masks = candidates.get(chosen)
+        return clip_masks_to_boxes(masks, boxes) if clip else masks
 
     @_guarded
     def _render_prediction(self, *args) -> None:
+        """Draw the current prediction into the preview layer.
+
+        Only the rectangle of pixels that changed is written, and napari redraws the layer only when
+        a plane on screen changed (a stack's other slices are sliced again when shown); the layer-list
+        thumbnail follows once the preview has rested.
+        """
         preview = self._preview
         if preview is None or preview not in self.viewer.layers:
             self._ensure_prompt_layers()
@@ -985,22 +1071,38 @@ class RWKVSAMWidget(QWidget):
             if preview is None:
                 return
         pred = self._prediction
+        changed: list[SliceIndex] = []
         if self._preview_slice is not None and (pred is None or self._preview_slice != pred.slice_index):
-            preview.data[self._preview_slice] = 0
+            if write_changed_region(preview.data[self._preview_slice], None) is not None:
+                changed.append(self._preview_slice)
             self._preview_slice = None
         if pred is not None:
-            masks = self._chosen_masks()
-            preview.data[pred.slice_index] = masks_to_label_image(masks, preview.data.dtype)
+            labels = masks_to_label_image(self._chosen_masks(), preview.data.dtype)
+            if write_changed_region(preview.data[pred.slice_index], labels) is not None:
+                changed.append(pred.slice_index)
             self._preview_slice = pred.slice_index
             self._show_scores()
         else:
             self.scores_label.setText("")
-        preview.refresh(extent=False, highlight=False)  # same shape: no extent or dims update
+        if changed:
+            try:
+                shown = self._current_slice()
+            except PromptError:  # e.g. a 3-D view: whatever is shown, redraw it
+                shown = None
+            if shown is None or shown in changed:
+                # same shape: no extent or dims update; the thumbnail waits (_thumbnail_timer)
+                preview.refresh(extent=False, highlight=False, thumbnail=False)
+            self._thumbnail_timer.start()
         self.preview_updated.emit()
+
+    def _update_preview_thumbnail(self) -> None:
+        preview = self._preview
+        if preview is not None and preview in self.viewer.layers:
+            preview.refresh(data_displayed=False, extent=False, highlight=False)
 
     def _show_scores(self) -> None:
         pred = self._prediction
-        _, chosen = select_masks(pred.masks[:, :, :1, :1], pred.scores, self._choice)
+        chosen = choose_candidates(pred.scores, self._choice)
         n, k = pred.scores.shape
         if n == 1:
             parts = [f"[{s:.2f}]" if j == chosen[0] else f"{s:.2f}" for j, s in enumerate(pred.scores[0])]
@@ -1040,8 +1142,10 @@ class RWKVSAMWidget(QWidget):
             raise PromptError("nothing to commit: click points or draw a box on this slice first")
         pred = self._prediction
         if pred is None or pred.signature != signature:
-            masks, scores = self._segmenter.predict(
-                self._active_features, batch, multimask=self.multimask_check.isChecked()
+            segmenter, features = self._segmenter, self._active_features
+            multimask = self.multimask_check.isChecked()
+            masks, scores = self._run_in_decoder(
+                lambda: segmenter.predict(features, batch, multimask=multimask)
             )
             self._prediction = pred = _Prediction(key.slice_index, batch, masks, scores, signature)
             self._decode_pending = None  # this answer is newer than any decode still in flight
@@ -1066,7 +1170,10 @@ class RWKVSAMWidget(QWidget):
         masks: np.ndarray,
         clear_points: bool,
         prediction: _Prediction | None = None,
+        shape_indices: list[int] | None = None,
     ) -> list[int]:
+        """Commit ``masks`` on ``slice_index``; then remove the slice's points (``clear_points``) and its
+        shapes, or only the shapes ``shape_indices`` of the boxes layer when given."""
         shape = self._spatial(self._image_layer)
         layer = self._ensure_committed(shape)
         record = commit_masks(layer.data, slice_index, masks, overwrite=self.overwrite_check.isChecked())
@@ -1074,6 +1181,9 @@ class RWKVSAMWidget(QWidget):
             raise PromptError("the mask is empty or covers only existing labels: nothing committed")
         layer.refresh()
         points, labels, boxes, box_types = self._slice_prompts(slice_index, points=clear_points)
+        if shape_indices is not None:
+            boxes = [np.array(self._boxes.data[i], copy=True) for i in shape_indices]
+            box_types = [self._boxes.shape_type[i] for i in shape_indices]
         self._undo.append(
             _UndoEntry(
                 layer,
@@ -1088,30 +1198,125 @@ class RWKVSAMWidget(QWidget):
                 self._choice if prediction is not None else None,
             )
         )
-        self._clear_slice(slice_index, points=clear_points, boxes=True)
+        if shape_indices is None:
+            self._clear_slice(slice_index, points=clear_points, boxes=True)
+        else:
+            with self._widget_edits():
+                self._boxes.selected_data = set(shape_indices)
+                self._boxes.remove_selected()
+            self._prediction = None
+            self._choice = None
+            self._decode_pending = None
+            self._render_prediction()
+            self._schedule_preview()  # the shapes left (drawn meanwhile) are previewed again
         ids = ", ".join(str(i) for i in record.label_ids)
         self._set_status(f"committed label {ids} ({KEYS['undo']} undoes)")
         self.committed.emit(list(record.label_ids))
         return list(record.label_ids)
 
     @_guarded
-    def segment_all_boxes(self) -> list[int]:
-        """Every rectangle of the current slice becomes a committed label (one batched decoder pass)."""
+    def segment_all_boxes(self) -> None:
+        """Every rectangle of the current slice becomes a committed label.
+
+        All boxes are decoded in one batched pass in the decode thread; the viewer stays usable
+        meanwhile and the labels are committed when it is done (signal ``committed``). The boxes that
+        were segmented are then removed; if one of them was moved or removed meanwhile, or the image,
+        slice or embedding changed, nothing is committed.
+        """
         key = self._safe_desired_key()
         if self._image_layer is None:
             raise PromptError("no image layer: open or add an image first")
         if key is None or key != self._active_key or self._segmenter is None:
             raise PromptError("the embedding is still being computed: try again when it is ready")
+        if self._segment_all is not None:
+            raise PromptError("already segmenting all boxes: wait until it is done")
         key, batch, _ = self._current_batch(boxes_only=True)
         if batch.num_objects == 0:
             raise PromptError("no rectangles on this slice: draw boxes in the 'RWKV-SAM boxes' layer")
-        masks, scores = self._segmenter.predict(
-            self._active_features, batch, multimask=self.multimask_check.isChecked()
-        )
-        chosen, _ = select_masks(masks, scores, None)
-        if self.clip_check.isChecked():
-            chosen = clip_masks_to_boxes(chosen, batch.boxes)
-        return self._commit_masks(key.slice_index, chosen, clear_points=False)
+        _, on_boxes = self._on_slice_masks(key.slice_index)
+        shapes = [
+            (i, self._boxes.shape_type[i], np.array(self._boxes.data[i], copy=True))
+            for i, on in enumerate(on_boxes)
+            if on
+        ]
+        self._decode_seq += 1
+        request = _SegmentAllRequest(self._decode_seq, key, id(self._image_layer), shapes, len(batch.boxes))
+        segmenter, features = self._segmenter, self._active_features
+        multimask, clip = self.multimask_check.isChecked(), self.clip_check.isChecked()
+        final_masks = self._final_masks
+        deliver = self._segmented.emit
+
+        def job() -> None:  # runs in the decode thread
+            try:
+                masks, scores = segmenter.predict(features, batch, multimask=multimask)
+                out = final_masks(masks, scores, batch.boxes, None, clip)
+            except Exception as err:  # handed to the GUI thread, shown there
+                out = err
+            with contextlib.suppress(RuntimeError):  # the widget was deleted meanwhile
+                deliver((request, out))
+
+        self._segment_all = request
+        self.buttons["segment_all_boxes"].setEnabled(False)
+        # the status line says it; the busy progress bar is not used here: its animation repaints the
+        # window continuously, which in software OpenGL took a third of the CPU the decode needed
+        self._set_status(f"segmenting {request.num_boxes} box(es)…")
+        self._decoder().submit(job, replaceable=False)
+
+    @property
+    def is_segmenting(self) -> bool:
+        """True while "segment all boxes" runs (its labels are not committed yet)."""
+        return self._segment_all is not None
+
+    @_guarded
+    def _on_segmented(self, answer: tuple) -> None:
+        request, out = answer
+        if self._closed or self._segment_all is None or request.seq != self._segment_all.seq:
+            return
+        self._segment_all = None
+        self.buttons["segment_all_boxes"].setEnabled(True)
+        if isinstance(out, Exception):
+            logger.error("RWKV-SAM: segmenting all boxes failed: %s", out)
+            self._set_status(f"segment all boxes failed: {type(out).__name__}: {out}")
+            show_error(f"RWKV-SAM: segment all boxes failed: {type(out).__name__}: {out}")
+            return
+        layer = self._image_layer
+        if layer is None or id(layer) != request.image_id or self._safe_desired_key() != request.key:
+            raise PromptError(
+                "the image, slice or model changed while the boxes were segmented: nothing committed"
+            )
+        indices = self._find_shapes(request.shapes)
+        if indices is None:
+            raise PromptError(
+                f"boxes were moved or removed while they were segmented: nothing committed "
+                f"({KEYS['segment_all_boxes']} segments them again)"
+            )
+        self._commit_masks(request.key.slice_index, out, clear_points=False, shape_indices=indices)
+
+    def _find_shapes(self, shapes: list[tuple[int, str, np.ndarray]]) -> list[int] | None:
+        """Current indices of ``shapes`` ((index, type, vertices) when recorded) in the boxes layer,
+        or None if one of them is gone or changed."""
+        layer = self._boxes
+        if layer is None or layer not in self.viewer.layers:
+            return None
+        data, types = layer.data, layer.shape_type
+        found: list[int] = []
+        for old_index, kind, verts in shapes:
+            order = [old_index, *range(len(data))]  # where it was first: shapes are rarely reordered
+            match = next(
+                (
+                    i
+                    for i in order
+                    if i < len(data)
+                    and i not in found
+                    and types[i] == kind
+                    and np.array_equal(data[i], verts)
+                ),
+                None,
+            )
+            if match is None:
+                return None
+            found.append(match)
+        return found
 
     def _on_slice_masks(self, slice_index: SliceIndex) -> tuple[np.ndarray, list[bool]]:
         """Which points (bool array) and which shapes (list) lie on ``slice_index``."""
@@ -1244,31 +1449,53 @@ class EmbeddingError(Exception):
     """An embedding failed with a RuntimeError (superqt would take one for a deleted worker)."""
 
 
-def _embedding_job(key: _EmbedKey, data, cancel: threading.Event):
+def _embedding_job(key: _EmbedKey, data, cancel: threading.Event, progress=None):
     """Worker-thread job (generator: each ``yield`` is a point where a stale job can be cancelled;
-    ``cancel`` also stops the encoder itself between blocks). Returns ``(key, features)``, or None
-    when cancelled.
+    ``cancel`` also stops the encoder itself between blocks; the encoder reports to ``progress``, an
+    ``_engine.EncoderProgress``). Returns ``(key, features)``, or None when cancelled.
 
-    On Linux the worker thread runs at a lower CPU priority (nice +5) so the GUI thread and the decode
-    thread win the CPU whenever they have work; OpenMP threads that torch starts from this thread
-    inherit it. Only this job is niced: the preview decodes run in their own thread at normal priority.
+    The model is loaded and the image encoded in a thread started for this embedding, which ends with
+    it: torch's OpenMP runtime keeps a team of worker threads for every thread that ran a parallel op,
+    and when it manages more threads than there are CPUs it stops spin-waiting between ops, which
+    made every later preview decode a third slower on a 2-core machine (see ``_engine``). The pool
+    thread running this generator only waits for it.
+
+    On Linux that thread runs at a lower CPU priority (nice +5) so the GUI thread and the decode thread
+    win the CPU whenever they have work; its OpenMP threads inherit it, and they all end with it. Only
+    the embedding is niced: the preview decodes run in their own thread at normal priority.
     """
-    from ._engine import EmbeddingCancelled, compute_features, load_model
+    from ._engine import EmbeddingCancelled, compute_features, load_model, tracking_progress
 
-    restore = _lower_thread_priority()
-    try:
-        yield
-        load_model(key.spec)
-        yield
-        plane = extract_slice(data, key.slice_index)
-        yield
-        return key, compute_features(key.spec, plane, key.contrast, cancelled=cancel.is_set)
-    except EmbeddingCancelled:
+    outcome: list = []
+
+    def embed() -> None:
+        restore = _lower_thread_priority()
+        try:
+            if cancel.is_set():  # stale before it started: not even the model is loaded
+                raise EmbeddingCancelled("stale embedding stopped")
+            load_model(key.spec)
+            plane = extract_slice(data, key.slice_index)
+            with tracking_progress(progress):
+                outcome.append(compute_features(key.spec, plane, key.contrast, cancelled=cancel.is_set))
+        except BaseException as err:  # handed to the worker below
+            outcome.append(err)
+        finally:
+            restore()
+
+    thread = threading.Thread(target=embed, name="rwkvsam-embed", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        yield  # superqt's quit() stops here; ``cancel`` stops the encoder
+        thread.join(0.05)
+    result = outcome[0]
+    if isinstance(result, EmbeddingCancelled):
         return None
-    except RuntimeError as err:  # superqt reports a RuntimeError as "worker deleted" and stays silent
-        raise EmbeddingError(f"{type(err).__name__}: {err}") from err
-    finally:
-        restore()
+    if isinstance(result, RuntimeError):
+        # superqt reports a RuntimeError as "worker deleted" and stays silent
+        raise EmbeddingError(f"{type(result).__name__}: {result}") from result
+    if isinstance(result, BaseException):
+        raise result
+    return key, result
 
 
 def _lower_thread_priority():

@@ -12,6 +12,50 @@ from .transforms import ResizeLongestSide, to_rgb_uint8
 MASK_THRESHOLD = 0.0
 
 
+class _CachedDensePE:
+    """Stands in for ``prompt_encoder.get_dense_pe`` (an instance attribute set by ``Predictor``).
+
+    The dense positional encoding depends only on the embedding grid size and the frequency buffer,
+    yet the decoder recomputes it (sin/cos over the whole grid) for every prompt. While autograd is off
+    (``Predictor.predict_torch`` runs under ``no_grad``; inference mode too) the encoding is computed
+    once per grid size, buffer (device, dtype, identity and in-place version: ``load_state_dict`` or
+    ``.to()`` compute it again) and inference mode. With gradients enabled (training) and under
+    ``torch.compile`` it is computed on every call, as before.
+    """
+
+    def __init__(self, prompt_encoder: torch.nn.Module) -> None:
+        self.prompt_encoder = prompt_encoder
+        self._entries: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def __call__(self) -> torch.Tensor:
+        pe = self.prompt_encoder
+        compute = type(pe).get_dense_pe
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute(pe)
+        gauss = pe.pe_layer.positional_encoding_gaussian_matrix
+        key = (tuple(pe.image_embedding_size), torch.is_inference_mode_enabled())
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is gauss and entry[1] == gauss._version:
+            return entry[2]
+        value = compute(pe)
+        # holding the buffer itself keeps its identity meaningful (no address reuse after a free);
+        # a new dict, not an update, so that threads decoding at the same time never see a torn one
+        self._entries = {**self._entries, key: (gauss, gauss._version, value)}
+        return value
+
+    def __getstate__(self) -> dict:
+        return {"prompt_encoder": self.prompt_encoder, "_entries": {}}
+
+
+def _install_dense_pe_cache(model: torch.nn.Module) -> None:
+    """Give ``model.prompt_encoder`` a cached ``get_dense_pe`` (once; a no-op for other models)."""
+    pe = getattr(model, "prompt_encoder", None)
+    if pe is None or not hasattr(type(pe), "get_dense_pe"):
+        return
+    if not isinstance(pe.__dict__.get("get_dense_pe"), _CachedDensePE):
+        pe.get_dense_pe = _CachedDensePE(pe)
+
+
 def postprocess_masks(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int
 ) -> torch.Tensor:
@@ -36,6 +80,7 @@ class Predictor:
         self.model = model
         self.cache = cache
         self.transform = ResizeLongestSide(model.image_size)
+        _install_dense_pe_cache(model)
         self.reset_image()
 
     @property

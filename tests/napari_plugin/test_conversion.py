@@ -11,8 +11,8 @@ from napari_plugin._conversion import (
     PADDING,
     PromptError,
     Prompts,
-    box_pixel_mask,
-    clip_masks_to_boxes,
+    centre_boxes,
+    choose_candidates,
     commit_masks,
     current_slice,
     extract_slice,
@@ -20,10 +20,10 @@ from napari_plugin._conversion import (
     masks_to_label_image,
     next_label_id,
     points_to_prompts,
-    select_masks,
     shapes_to_boxes,
     spatial_shape,
     undo_commit,
+    write_changed_region,
 )
 
 
@@ -112,28 +112,40 @@ def test_group_prompts_rules():
     assert group_prompts(Prompts()).num_objects == 0
 
 
-def test_select_masks_best_and_cycled():
-    masks = np.zeros((2, 3, 4, 4), dtype=bool)
-    for k in range(3):
-        masks[:, k, k, k] = True
+def test_choose_candidates_best_and_cycled():
     scores = np.array([[0.1, 0.9, 0.3], [0.8, 0.2, 0.1]])
-    best, chosen = select_masks(masks, scores, None)
-    np.testing.assert_array_equal(chosen, [1, 0])
-    assert best[0, 1, 1] and best[1, 0, 0]
-    cyc, chosen = select_masks(masks, scores, 5)
-    np.testing.assert_array_equal(chosen, [2, 2])
-    assert cyc[:, 2, 2].all()
+    np.testing.assert_array_equal(choose_candidates(scores, None), [1, 0])
+    np.testing.assert_array_equal(choose_candidates(scores, 5), [2, 2])
+    assert choose_candidates(scores, None).dtype == np.int64
+    np.testing.assert_array_equal(choose_candidates(np.array([[0.3]]), 4), [0])
 
 
-def test_clip_masks_to_boxes_keeps_pixels_whose_centre_is_inside():
-    masks = np.ones((2, 10, 12), dtype=bool)
-    boxes = np.array([[2.0, 3.0, 5.0, 6.0], [-0.5, -0.5, 11.5, 9.5]])
-    out = clip_masks_to_boxes(masks, boxes)
-    rows, cols = np.nonzero(out[0])
-    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (3, 6, 2, 5)
-    assert out[1].all()
-    assert box_pixel_mask([2.4, 3.6, 5.2, 6.0], (10, 12)) == (slice(4, 7), slice(3, 6))
-    assert clip_masks_to_boxes(masks, None) is masks
+def test_centre_boxes_are_the_pixels_whose_centre_is_inside():
+    boxes = np.array(
+        [[2.0, 3.0, 5.0, 6.0], [2.4, 3.6, 5.2, 6.0], [-0.5, -0.5, 11.5, 9.5], [2.2, 1.0, 2.8, 4.0]]
+    )
+    pixel_boxes, empty = centre_boxes(boxes)
+    np.testing.assert_array_equal(pixel_boxes, [[2, 3, 5, 6], [3, 4, 5, 6], [0, 0, 11, 9], [3, 1, 2, 4]])
+    np.testing.assert_array_equal(empty, [False, False, False, True])  # no column centre in 2.2..2.8
+
+
+def test_write_changed_region_writes_and_reports_only_the_changed_rectangle():
+    plane = np.zeros((6, 8), dtype=np.uint8)
+    new = np.zeros_like(plane)
+    new[1:3, 2:5] = 1
+    new[4, 3] = 2
+    assert write_changed_region(plane, new) == (slice(1, 5), slice(2, 5))
+    np.testing.assert_array_equal(plane, new)
+    assert write_changed_region(plane, new) is None  # nothing changed: nothing to redraw
+    new2 = new.copy()
+    new2[4, 3] = 0
+    assert write_changed_region(plane, new2) == (slice(4, 5), slice(3, 4))
+    np.testing.assert_array_equal(plane, new2)
+    assert write_changed_region(plane, None) == (slice(1, 3), slice(2, 5))  # cleared
+    assert not plane.any()
+    stack = np.zeros((2, 6, 8), dtype=np.uint8)
+    assert write_changed_region(stack[1], new) is not None  # a view: writes into the stack
+    assert stack[1].any() and not stack[0].any()
 
 
 def test_masks_to_label_image_first_object_wins():

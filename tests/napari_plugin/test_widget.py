@@ -36,7 +36,10 @@ def dock(gui, plugin_manifest, make_napari_viewer, qtbot):
 
     yield factory
     for widget in made:  # never leave a worker thread running into the next test
-        qtbot.waitUntil(lambda w=widget: not (w.is_embedding or w.is_decoding), timeout=EMBED_TIMEOUT_MS)
+        qtbot.waitUntil(
+            lambda w=widget: not (w.is_embedding or w.is_decoding or w.is_segmenting),
+            timeout=EMBED_TIMEOUT_MS,
+        )
         widget.shutdown()
 
 
@@ -187,30 +190,43 @@ def test_box_and_points_preview_inside_box_commit_undo_clear(dock, qtbot, tmp_pa
     assert len(widget.boxes_layer.data) == 0 and not widget.preview_layer.data.any()
 
 
+def spy_decoder(monkeypatch, widget):
+    """Record the boxes shape and the thread of every decoder pass of the widget's model."""
+    import threading
+
+    calls = []
+    cls = type(widget._segmenter.model)
+    original = cls.decode
+
+    def spy(self, *args, **kwargs):
+        boxes = kwargs.get("boxes")
+        calls.append((None if boxes is None else tuple(boxes.shape), threading.current_thread()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "decode", spy)
+    return calls
+
+
 def test_segment_all_boxes_is_one_batched_call(dock, qtbot, monkeypatch):
+    import threading
+
     viewer, widget = dock()
     viewer.add_image(coffee(), name="coffee", rgb=True)
     wait_ready(qtbot, widget)
-    from rwkvsam_core import Predictor
-
-    calls = []
-    original = Predictor.predict_torch
-
-    def spy(self, *args, **kwargs):
-        calls.append(None if args[2] is None else tuple(args[2].shape))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Predictor, "predict_torch", spy)
+    calls = spy_decoder(monkeypatch, widget)
     boxes = [((20, 120), (30, 200)), ((200, 380), (300, 560)), ((150, 250), (250, 330))]
     with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
         widget.boxes_layer.add_rectangles(
             np.array([[[r[0], c[0]], [r[1], c[1]]] for r, c in boxes], dtype=float)
         )
-    assert calls == [(3, 4)]  # the live preview: one decoder pass for the three boxes
+    assert [c[0] for c in calls] == [(3, 4)]  # the live preview: one decoder pass for the three boxes
     assert widget.scores_label.text().startswith("3 objects")
     calls.clear()
-    ids = widget.segment_all_boxes()
-    assert calls == [(3, 4)]  # one decoder pass for the three boxes
+    with qtbot.waitSignal(widget.committed, timeout=60_000) as blocker:
+        assert widget.segment_all_boxes() is None  # returns at once: the decode runs in the background
+    assert [c[0] for c in calls] == [(3, 4)]  # one decoder pass for the three boxes
+    assert calls[0][1] is not threading.main_thread()  # not on the GUI thread
+    ids = blocker.args[0]
     committed = widget.committed_layer.data
     assert ids and len(ids) <= 3
     for label_id in ids:
@@ -220,6 +236,72 @@ def test_segment_all_boxes_is_one_batched_call(dock, qtbot, monkeypatch):
             ys.min() >= r[0] and ys.max() <= r[1] and xs.min() >= c[0] and xs.max() <= c[1] for r, c in boxes
         )
     assert len(widget.boxes_layer.data) == 0
+    assert not widget.is_segmenting and widget.buttons["segment_all_boxes"].isEnabled()
+
+
+def test_segment_all_boxes_keeps_the_viewer_responsive(dock, qtbot, monkeypatch):
+    import threading
+
+    from qtpy.QtCore import QTimer
+
+    from napari_plugin._engine import Segmenter
+
+    viewer, widget = dock()
+    viewer.add_image(coffee(), name="coffee", rgb=True)
+    wait_ready(qtbot, widget)
+    rects = np.array([[[20.0, 30.0], [120.0, 200.0]], [[200.0, 300.0], [380.0, 560.0]]])
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        widget.boxes_layer.add_rectangles(rects)
+    qtbot.waitUntil(lambda: not widget.is_decoding, timeout=10_000)
+
+    gate = threading.Event()
+    held = threading.Event()
+    original = Segmenter.predict
+
+    def slow_predict(self, features, batch, multimask=True):
+        if threading.current_thread() is not threading.main_thread() and batch.point_coords is None:
+            held.set()
+            gate.wait(60)  # a long decode: the GUI must not wait for it
+        return original(self, features, batch, multimask=multimask)
+
+    monkeypatch.setattr(Segmenter, "predict", slow_predict)
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start()
+    committed = []
+    widget.committed.connect(committed.append)
+    widget.segment_all_boxes()
+    assert widget.is_segmenting and not widget.buttons["segment_all_boxes"].isEnabled()
+    assert held.wait(10)
+    qtbot.wait(300)  # the event loop runs while the boxes are decoded
+    assert len(ticks) >= 10, f"only {len(ticks)} timer ticks while segmenting"
+    assert committed == []
+    widget.segment_all_boxes()  # a second request meanwhile: a message, not a second run
+    assert "already segmenting" in widget.status_label.text()
+    # a box drawn meanwhile is not part of this run and stays
+    widget.boxes_layer.add_rectangles(np.array([[300.0, 20.0], [380.0, 120.0]]))
+    gate.set()
+    qtbot.waitUntil(lambda: bool(committed), timeout=60_000)
+    timer.stop()
+    assert 1 <= len(committed[0]) <= 2
+    assert len(widget.boxes_layer.data) == 1
+    np.testing.assert_array_equal(widget.boxes_layer.data[0][[0, 2]], [[300.0, 20.0], [380.0, 120.0]])
+    assert widget.committed_layer.data[300:381, 20:121].max() == 0
+
+    # a box moved while the run was going: nothing is committed, a message says why
+    gate.clear()
+    held.clear()
+    before = widget.committed_layer.data.copy()
+    widget.segment_all_boxes()
+    assert held.wait(10)
+    widget.boxes_layer.data = [widget.boxes_layer.data[0] + 5.0]
+    gate.set()
+    qtbot.waitUntil(lambda: not widget.is_segmenting, timeout=60_000)
+    assert "nothing committed" in widget.status_label.text()
+    np.testing.assert_array_equal(widget.committed_layer.data, before)
+    assert len(widget.boxes_layer.data) == 1
 
 
 def test_stack_segments_the_current_slice(dock, qtbot):
@@ -264,9 +346,11 @@ def test_event_loop_runs_during_embedding_and_prompts_meanwhile_are_honoured(doc
     rng = np.random.default_rng(1)
     img = (rng.random((300, 400)) * 1000).astype(np.float32)  # a new image: not in any cache
     ticks = []
+    bar_ranges = set()
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(widget.is_embedding))
+    timer.timeout.connect(lambda: widget.is_embedding and bar_ranges.add(widget.progress.maximum()))
     timer.start()
     viewer.add_image(img, name="float image")
     assert widget.is_embedding
@@ -277,6 +361,8 @@ def test_event_loop_runs_during_embedding_and_prompts_meanwhile_are_honoured(doc
     during = sum(ticks)
     # a GUI thread blocked for the whole embedding would deliver at most one (coalesced) tick
     assert during >= 5, f"only {during} timer ticks while the embedding ran"
+    # a determinate bar, never Qt's busy animation (range 0..0: it repaints the window all the time)
+    assert bar_ranges == {100}
     qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=10_000)
     assert not widget.preview_layer.data[~box_region(img.shape, (50, 200), (60, 300))].any()
 
@@ -429,8 +515,9 @@ def test_undo_of_segment_all_boxes_restores_the_boxes(dock, qtbot):
     with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
         widget.boxes_layer.add_rectangles(rects)
     before = [v.copy() for v in widget.boxes_layer.data]
-    ids = widget.segment_all_boxes()
-    assert ids and len(widget.boxes_layer.data) == 0
+    with qtbot.waitSignal(widget.committed, timeout=60_000) as blocker:
+        widget.segment_all_boxes()
+    assert blocker.args[0] and len(widget.boxes_layer.data) == 0
     with qtbot.waitSignal(widget.preview_updated, timeout=10_000):  # decoded again from the boxes
         widget.undo()
     assert not widget.committed_layer.data.any()
@@ -605,3 +692,98 @@ def test_cuda_without_a_gpu_is_a_message_not_a_stuck_widget(dock, qtbot):
     qtbot.waitUntil(lambda: not widget.is_embedding, timeout=10_000)
     widget.device_combo.setCurrentText("cpu")
     wait_ready(qtbot, widget)
+
+
+def test_preview_redraws_only_what_changed_and_shows_what_a_full_refresh_shows(dock, qtbot, monkeypatch):
+    viewer, widget = dock()
+    rng = np.random.default_rng(6)
+    stack = (rng.random((3, 120, 160)) * 255).astype(np.uint8)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 1)
+    wait_ready(qtbot, widget)
+    from napari_plugin._widget import PREVIEW_NAME
+
+    preview = viewer.layers[PREVIEW_NAME]  # the layer itself (the widget holds napari's plugin proxy)
+    full_refresh = type(preview).refresh
+    refreshes = []
+
+    def counting_refresh(*args, **kwargs):
+        refreshes.append(kwargs.get("data_displayed", True))
+        return full_refresh(preview, *args, **kwargs)
+
+    monkeypatch.setattr(preview, "refresh", counting_refresh)
+
+    def shown_equals_full_refresh():
+        qtbot.wait(50)
+        shot = viewer.screenshot(canvas_only=True, flash=False)
+        full_refresh(preview)
+        qtbot.wait(50)
+        np.testing.assert_array_equal(shot, viewer.screenshot(canvas_only=True, flash=False))
+
+    add_box(qtbot, widget, (20, 90), (30, 130), z=1)
+    assert widget.preview_layer.data[1].any()
+    assert refreshes == [True]  # one redraw of the layer
+    shown_equals_full_refresh()
+    qtbot.waitUntil(lambda: refreshes == [True, False], timeout=5_000)  # then the thumbnail
+
+    # the same prediction drawn again (e.g. the clip option toggled twice): nothing to redraw
+    refreshes.clear()
+    widget._render_prediction()
+    assert refreshes == []
+
+    # another slice: the preview of slice 1 is cleared off screen, without a redraw
+    viewer.dims.set_current_step(0, 2)
+    qtbot.waitUntil(lambda: not widget.preview_layer.data[1].any(), timeout=10_000)
+    assert True not in refreshes
+    viewer.dims.set_current_step(0, 1)
+    shown_equals_full_refresh()
+
+    # the clear action redraws once
+    wait_ready(qtbot, widget)
+    add_box(qtbot, widget, (20, 90), (30, 130), z=1)
+    refreshes.clear()
+    widget.clear()
+    assert not preview.data.any() and refreshes == [True]
+    shown_equals_full_refresh()
+
+
+def test_torch_work_stays_off_the_gui_thread_and_the_embedding_thread_ends(dock, qtbot, monkeypatch):
+    import threading
+
+    import rwkvsam_core
+    from napari_plugin import _engine
+
+    viewer, widget = dock()
+    embed_threads = []
+    original_compute = _engine.compute_features
+
+    def spy_compute(spec, plane, contrast, cancelled=None):
+        embed_threads.append(threading.current_thread())
+        return original_compute(spec, plane, contrast, cancelled=cancelled)
+
+    monkeypatch.setattr(_engine, "compute_features", spy_compute)
+    viewer.add_image(coffee(), name="coffee", rgb=True)
+    wait_ready(qtbot, widget)
+    # the embedding ran in a thread of its own, which has ended (and its OpenMP team with it)
+    assert embed_threads and embed_threads[0] is not threading.main_thread()
+    qtbot.waitUntil(lambda: not embed_threads[0].is_alive(), timeout=10_000)
+
+    decodes = spy_decoder(monkeypatch, widget)
+    upsampled = []
+    original_upsample = rwkvsam_core.postprocess_masks
+
+    def spy_upsample(*args, **kwargs):
+        upsampled.append(threading.current_thread())
+        return original_upsample(*args, **kwargs)
+
+    monkeypatch.setattr(rwkvsam_core, "postprocess_masks", spy_upsample)
+    add_box(qtbot, widget, (60, 260), (150, 420))  # preview
+    widget.next_mask()  # another candidate: upsampled now
+    assert len(upsampled) == 2
+    widget.preview_wait_ms = 0
+    widget.points_layer.add([150.0, 280.0])
+    assert widget.commit() == [1]  # decoded for the commit if the preview still lags behind
+    assert len(decodes) >= 2 and upsampled
+    gui = threading.main_thread()
+    assert all(thread is not gui for _, thread in decodes)
+    assert all(thread is not gui for thread in upsampled)
