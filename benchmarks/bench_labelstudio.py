@@ -6,7 +6,8 @@ local-files document root, and times POST /predict requests the way Label Studio
 * first click on a new image (includes the image encoder),
 * second click on the same image (decoder only: the embedding comes from the cache) -- target
   <= 300 ms on a 2-core CPU with rwkvsam_t at 1024. The click-grouping rule decodes a positive
-  click alone; when that mask holds the first click the two clicks are decoded together (2 decoder
+  click alone (its mask head runs only in small windows around the first click, which is all the
+  decision reads); when that mask holds the first click the two clicks are decoded together (2 decoder
   passes), else the click starts a new object and its own mask is the answer (1 pass); a negative
   click is decoded with the object's clicks (1 pass). The passes of each request are read from
   /metrics and the table splits the clicks by them (second clicks are placed at several distances
@@ -92,6 +93,7 @@ def main() -> int:
     ap.add_argument("--boxes", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="gunicorn threads of the one worker")
     args = ap.parse_args()
+    load_start = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
@@ -191,7 +193,12 @@ def main() -> int:
         f"# Label Studio backend, {args.model} at {args.image_size}, photo {w}x{h}, "
         f"{cpu_model()}, {os.cpu_count()} cores, torch threads default, {time.strftime('%Y-%m-%d')}"
     )
-    print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine count)")
+    load_end = os.getloadavg()
+    print(
+        "# load averages (1, 5, 15 min) at the start: {} / at the end: {} (other processes count)".format(
+            *(", ".join(f"{v:.2f}" for v in load) for load in (load_start, load_end))
+        )
+    )
     print("| request (HTTP, end to end) | median | min | max |")
     print("|---|---|---|---|")
     print(f"| first click on a new image (encoder + decoder) | {t_first * 1000:.0f} ms | - | - |")

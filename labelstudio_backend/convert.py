@@ -89,6 +89,19 @@ def box_is_degenerate(box: np.ndarray, min_side: float = 1.0) -> bool:
     return bool(box[2] - box[0] < min_side or box[3] - box[1] < min_side)
 
 
+def touched_pixels(box: np.ndarray) -> np.ndarray:
+    """The pixels an XYXY pixel box (4,) of Label Studio touches, as an inclusive pixel box (4,).
+
+    Label Studio's boxes are continuous (pixel i spans [i, i + 1)): the box touches columns
+    floor(x0) .. ceil(x1) - 1 and rows floor(y0) .. ceil(y1) - 1, given here as
+    ``[floor(x0), floor(y0), ceil(x1) - 1, ceil(y1) - 1]`` (the convention of a mask's extreme
+    pixels, which ``rwkvsam_core.predictor.clip_masks_to_boxes`` reads). For boxes at least one pixel
+    wide and high.
+    """
+    b = np.asarray(box, dtype=np.float64)
+    return np.array([np.floor(b[0]), np.floor(b[1]), np.ceil(b[2]) - 1, np.ceil(b[3]) - 1])
+
+
 # --------------------------------------------------------------------------------------------------
 # RLE codec (Label Studio brush format)
 # --------------------------------------------------------------------------------------------------

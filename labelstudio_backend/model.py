@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .click_decode import ClickDecode
 from .convert import (
     BoxPrompt,
     Click,
@@ -30,6 +31,7 @@ from .convert import (
     clicks_inside_box,
     object_start,
     prefix_digests,
+    touched_pixels,
 )
 from .settings import Settings
 
@@ -256,7 +258,7 @@ class ModelManager:
             self.stats["decodes"] += 1
             mask, score = masks[0], clamp_score(scores[0])
             if self.settings.clip_to_box:
-                mask = clip_to_box(mask, box)
+                mask = clip_to_boxes(mask[None, None], box[None])[0, 0]
             return mask, score, version
         clicks = prompt.clicks
         if not any(c.positive for c in clicks):
@@ -268,56 +270,57 @@ class ModelManager:
             logger.info("the newest %d clicks are negative: nothing to segment", len(kept))
             return None, 0.0, version
         if len(kept) == 1:  # one click: the best of its three candidates (maybe decoded already)
-            low_res, score = single if single is not None else self.decode_click(predictor, kept[0])
+            decoded = single if single is not None else self.decode_click(predictor, kept[0])
             from rwkvsam_core import postprocess_masks
 
             logits = postprocess_masks(
-                low_res, predictor.input_size, predictor.original_size, predictor.model.image_size
+                decoded.low_res(), predictor.input_size, predictor.original_size, predictor.model.image_size
             )
-            return (logits[0, 0] > 0).cpu().numpy(), clamp_score(score), version
+            return (logits[0, 0] > 0).cpu().numpy(), clamp_score(decoded.score), version
         coords, labels = _click_arrays(kept)
         masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels, multimask_output=False)
         self.stats["decodes"] += 1
         return masks[0], clamp_score(scores[0]), version
 
-    def decode_click(self, predictor: Any, click: Click) -> tuple[Any, float]:
+    def decode_click(self, predictor: Any, click: Click) -> ClickDecode:
         """One click alone, decoded once: the best (highest predicted IoU) of its three candidates.
 
-        Returns:
-            (low-res logits (1, 1, S/4, S/4) of that candidate, its predicted IoU).
+        One decoder pass, whose mask head runs only where it is asked (see :mod:`.click_decode`):
+        ``.contains(pixels)`` decides membership from a few small windows, ``.low_res()`` gives the
+        whole low-res mask (1, 1, S/4, S/4), bit-identical to ``model.decode``; ``.score`` is the
+        candidate's predicted IoU.
         """
         import torch
 
+        from .click_decode import decode_click
+
         coords = predictor.transform.apply_coords(np.array([[[click.x, click.y]]]), predictor.original_size)
-        with torch.no_grad():
-            low_res, iou = predictor.model.decode(
-                predictor.get_features().tensors,
-                point_coords=torch.as_tensor(coords, dtype=torch.float32, device=predictor.device),
-                point_labels=torch.ones((1, 1), dtype=torch.int, device=predictor.device),
-                multimask_output=True,
-            )
+        decoded = decode_click(
+            predictor.model,
+            predictor.get_features().tensors,
+            torch.as_tensor(coords, dtype=torch.float32, device=predictor.device),
+        )
         self.stats["decodes"] += 1
-        best = int(torch.argmax(iou[0]))
-        return low_res[:, best : best + 1], float(iou[0, best])
+        return decoded
 
     @staticmethod
-    def low_res_contains(predictor: Any, low_res: Any, clicks: list[Click]) -> bool:
-        """True when one of ``clicks`` lies inside the low-res mask logits (1, 1, S/4, S/4) (> 0)."""
-        low = low_res[0, 0]
-        side = low.shape[-1]
+    def low_res_pixels(predictor: Any, clicks: list[Click]) -> np.ndarray:
+        """(P, 2) int rows, cols of the low-res (S/4) mask pixels under ``clicks``."""
+        side = predictor.model.image_size // 4
         xy = predictor.transform.apply_coords(
             np.array([[c.x, c.y] for c in clicks], dtype=np.float64), predictor.original_size
         ) * (side / predictor.model.image_size)
-        for x, y in xy:
-            xi = min(max(int(x), 0), side - 1)
-            yi = min(max(int(y), 0), low.shape[-2] - 1)
-            if bool(low[yi, xi] > 0):
-                return True
-        return False
+        return np.array(
+            [[min(max(int(y), 0), side - 1), min(max(int(x), 0), side - 1)] for x, y in xy], dtype=np.int64
+        ).reshape(-1, 2)
+
+    def click_joins(self, predictor: Any, decoded: ClickDecode, owners: list[Click]) -> bool:
+        """True when the mask of a click alone (``decoded``) contains one of ``owners``."""
+        return decoded.contains(self.low_res_pixels(predictor, owners))
 
     def object_clicks(
         self, predictor: Any, clicks: list[Click], image_key: str, window: int | None = None
-    ) -> tuple[list[Click], tuple[Any, float] | None]:
+    ) -> tuple[list[Click], ClickDecode | None]:
         """Which clicks belong to the object the user is working on (the rule of the README).
 
         Rule: the clicks are read oldest first and grouped into objects as they were made. A
@@ -340,8 +343,8 @@ class ModelManager:
             window: when no earlier decision is known, only the newest ``window`` clicks are
                 decided (the oldest of them starts the object): bounds the work of a cold request.
         Returns:
-            (the current object's clicks oldest first, (low-res logits, score) of the newest click
-            alone when it starts the object and was decoded here, else None).
+            (the current object's clicks oldest first, the :class:`ClickDecode` of the click that
+            starts the object when it was decoded here, else None).
         """
         n = len(clicks)
         if not any(c.positive for c in clicks):
@@ -357,11 +360,15 @@ class ModelManager:
                     break
         if first == 1 and window and n > window:
             start, first = n - window, n - window + 1
-        decoded: dict[int, tuple[Any, float]] = {}
+        decoded: dict[int, ClickDecode] = {}
 
         def joins(i: int, owners: list[Click]) -> bool:
-            decoded[i] = self.decode_click(predictor, clicks[i])
-            return self.low_res_contains(predictor, decoded[i][0], owners)
+            dec = self.decode_click(predictor, clicks[i])
+            if self.click_joins(predictor, dec, owners):
+                return True
+            decoded.clear()  # only the newest click that starts an object can be the answer
+            decoded[i] = dec
+            return False
 
         def record(j: int, s: int) -> None:
             with self._groups_lock:
@@ -395,8 +402,10 @@ class ModelManager:
             self.stats["decodes"] += 1
             masks = np.asarray(masks).reshape(len(part), -1, *image.shape[:2])
             scores = np.asarray(scores).reshape(len(part), -1)
-            for b, m, s in zip(part, masks, scores, strict=True):
-                out_m.append(clip_to_box(m[0], b.box) if self.settings.clip_to_box else m[0])
+            if self.settings.clip_to_box:
+                masks = clip_to_boxes(masks[:, :1], arr)
+            for m, s in zip(masks, scores, strict=True):
+                out_m.append(m[0])
                 out_s.append(clamp_score(s[0]))
         self.stats["batch_boxes"] += len(good)
         return out_m, [b.label for b in good], out_s, version
@@ -410,16 +419,18 @@ def _click_arrays(clicks: list[Click]) -> tuple[np.ndarray | None, np.ndarray | 
     return coords, labels
 
 
-def clip_to_box(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Zero a (H, W) mask outside the XYXY box (every pixel the box touches is kept)."""
-    h, w = mask.shape
-    x0 = int(np.clip(np.floor(box[0]), 0, w))
-    y0 = int(np.clip(np.floor(box[1]), 0, h))
-    x1 = int(np.clip(np.ceil(box[2]), 0, w))
-    y1 = int(np.clip(np.ceil(box[3]), 0, h))
-    out = np.zeros_like(mask, dtype=bool)
-    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
-    return out
+def clip_to_boxes(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Clear the pixels of masks (N, K, H, W) that their Label Studio box (N, 4) does not touch.
+
+    A Label Studio rectangle is continuous geometry (pixel i spans [i, i + 1)), so a box touches
+    pixel columns floor(x0) .. ceil(x1) - 1. The core's ``clip_masks_to_boxes`` reads a box as
+    inclusive pixel indices (a mask's extreme pixels, as SAM's boxes), which would keep one more
+    column and row for these boxes: it is given the touched pixels (:func:`touched_pixels`).
+    Boxes must be at least one pixel wide and high (degenerate boxes are refused before).
+    """
+    from rwkvsam_core.predictor import clip_masks_to_boxes
+
+    return clip_masks_to_boxes(masks, np.stack([touched_pixels(b) for b in np.reshape(boxes, (-1, 4))]))
 
 
 _MANAGERS: dict[tuple, ModelManager] = {}

@@ -50,7 +50,7 @@ class Settings:
     TRAIN_EVERY                     fine-tune after this many new annotations (0: only on
                                     START_TRAINING; default 10)
     TRAIN_STEPS                     fine-tuning steps per run (default 200)
-    TRAIN_ARGS                      extra arguments for ``python -m rwkvsam_core.finetune``
+    TRAIN_ARGS                      extra arguments for ``python -m labelstudio_backend.finetune``
                                     (e.g. ``--batch-size 4 --lr 5e-5``)
     TRAIN_TIMEOUT                   seconds before a training run is killed (default 6 h)
     EMBEDDING_CACHE_ITEMS           features kept in memory per process (default 8)

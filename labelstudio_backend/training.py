@@ -14,9 +14,10 @@ Layout under ``MODEL_DIR``::
     train.lock             held (flock) by the process that runs training
 
 Every piece of state lives on disk so several gunicorn workers agree; a training run is started by
-whichever worker takes ``train.lock`` and runs ``python -m rwkvsam_core.finetune`` as a child
-process (through :mod:`labelstudio_backend.train_child`, which ends it when that worker dies), so
-predictions keep being served. A failed run changes nothing but the log.
+whichever worker takes ``train.lock`` and runs ``python -m labelstudio_backend.finetune`` (the
+core's engine, with the stored boxes as the box prompts of their masks) as a child process (through
+:mod:`labelstudio_backend.train_child`, which ends it when that worker dies), so predictions keep
+being served. A failed run changes nothing but the log.
 
 A worker that dies while training (killed, out of memory) releases ``train.lock`` with its process,
 but leaves ``active`` in ``train_state.json``. Any worker that then takes the lock (at start-up or
@@ -164,8 +165,9 @@ def _add_boxes(folder: Path, boxes: list[np.ndarray | None]) -> None:
 class Trainer:
     """Stores accepted annotations and runs fine-tuning in the background."""
 
-    #: the module run (as ``__main__``) in the training child process
-    FINETUNE_MODULE = "rwkvsam_core.finetune"
+    #: the module run (as ``__main__``) in the training child process: the core's engine with the
+    #: stored boxes as box prompts (same options as ``python -m rwkvsam_core.finetune``)
+    FINETUNE_MODULE = "labelstudio_backend.finetune"
 
     def __init__(self, settings: Settings, loader: ImageLoader | None = None) -> None:
         self.settings = settings

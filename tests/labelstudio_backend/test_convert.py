@@ -28,6 +28,7 @@ from labelstudio_backend.convert import (
     rle_decode,
     rle_encode,
     rle_to_mask,
+    touched_pixels,
 )
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "ls_rle_vectors.json").read_text())
@@ -102,6 +103,41 @@ def test_rect_to_xyxy_rotation_is_around_top_left():
     # 90 degrees clockwise on screen around (x, y): the box extends to the LEFT of x, below y
     box = rect_to_xyxy({"x": 50, "y": 10, "width": 20, "height": 10, "rotation": 90}, 100, 100)
     np.testing.assert_allclose(box, [40, 10, 50, 30], atol=1e-9)
+
+
+def _previous_clip(mask, box):
+    """The backend's own clip before it used the core's (kept as the reference)."""
+    h, w = mask.shape
+    x0, y0 = int(np.clip(np.floor(box[0]), 0, w)), int(np.clip(np.floor(box[1]), 0, h))
+    x1, y1 = int(np.clip(np.ceil(box[2]), 0, w)), int(np.clip(np.ceil(box[3]), 0, h))
+    out = np.zeros_like(mask, dtype=bool)
+    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return out
+
+
+def test_clip_to_boxes_keeps_the_pixels_a_label_studio_box_touches():
+    from labelstudio_backend.model import clip_to_boxes
+    from rwkvsam_core.predictor import clip_masks_to_boxes
+
+    np.testing.assert_array_equal(touched_pixels(np.array([10, 5, 20, 7.5])), [10, 5, 19, 7])
+    np.testing.assert_array_equal(touched_pixels(np.array([10.2, 5.9, 20.3, 7.0])), [10, 5, 20, 6])
+    full = np.ones((1, 1, 12, 30), bool)
+    box = np.array([[10, 5, 20, 7.5]])  # pixel columns 10..19, rows 5..7: 10 x 3 pixels
+    assert clip_to_boxes(full, box).sum() == 30
+    # the core's convention reads the box as inclusive pixel indices: one more column and row
+    assert clip_masks_to_boxes(full, box).sum() == 11 * 4
+    # same pixels as the backend's previous clip, boxes at fractional and integer positions
+    rng = np.random.default_rng(0)
+    masks = rng.random((40, 1, 48, 64)) < 0.5
+    x0, y0 = rng.uniform(-5, 60, 40), rng.uniform(-5, 44, 40)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(1, 30, 40), y0 + rng.uniform(1, 30, 40)], 1)
+    boxes[::3] = boxes[::3].round()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, 64)  # clipped to the image like rect_to_xyxy's
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, 48)
+    boxes = boxes[(boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)]  # not degenerate
+    clipped = clip_to_boxes(masks[: len(boxes)], boxes)
+    for m, b, c in zip(masks[: len(boxes)], boxes, clipped, strict=True):
+        np.testing.assert_array_equal(c[0], _previous_clip(m[0], b))
 
 
 def test_rect_without_numbers_is_an_error():

@@ -371,7 +371,7 @@ def test_object_clicks_two_objects_of_one_label(settings):
     pred, manager = _DiskPredictor(), _manager(settings)
     kept, single = manager.object_clicks(pred, [a, b], "img")
     assert kept == [b] and pred.calls == [(80, 80)]  # b's disk does not reach a: a new object
-    low_res, score = single  # the mask of b alone is the answer: it is not decoded again
+    low_res, score = single.low_res(), single.score  # the mask of b alone is the answer: not decoded again
     assert tuple(low_res.shape) == (1, 1, 25, 25) and score == pytest.approx(0.7)
     assert low_res[0, 0, 20, 20] > 0 and low_res[0, 0, 2, 2] < 0
     kept, single = manager.object_clicks(pred, [a, b, c], "img")
@@ -438,11 +438,11 @@ def test_interactive_click_paths_with_the_real_model(client, settings, monkeypat
     first, d = masks_of([keypoint(30, 50)])
     assert d == 1
     alone, _ = masks_of([keypoint(70, 30)])  # the second click on its own
-    monkeypatch.setattr(ModelManager, "low_res_contains", staticmethod(lambda *a: False))
+    monkeypatch.setattr(ModelManager, "click_joins", lambda *a: False)
     new_object, d = masks_of([keypoint(30, 50), keypoint(70, 30)])
     assert d == 1  # decoded alone once, and that mask is the answer
     np.testing.assert_array_equal(new_object, alone)
-    monkeypatch.setattr(ModelManager, "low_res_contains", staticmethod(lambda *a: True))
+    monkeypatch.setattr(ModelManager, "click_joins", lambda *a: True)
     same, d = masks_of([keypoint(30, 50), keypoint(72, 32)])
     assert d == 2  # the new click alone, then the object's two clicks together
     predictor, _ = manager.predictor_for(manager_image(client, task))
