@@ -20,11 +20,8 @@ switches per decode instead of ~1).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
-import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -107,11 +104,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-_M_TOP_PAD = -2  # glibc mallopt parameter
-THREAD_HEAP_PAD = 128 << 20
-_heaps_kept = False
-
-
 def keep_thread_heaps() -> bool:
     """Stop glibc from giving the decode thread's memory back to the kernel after every decode.
 
@@ -128,18 +120,9 @@ def keep_thread_heaps() -> bool:
 
     Returns True if the setting is in effect.
     """
-    global _heaps_kept
-    if _heaps_kept:
-        return True
-    if os.environ.get("RWKVSAM_TUNE_ALLOCATOR", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    _heaps_kept = mallopt(_M_TOP_PAD, THREAD_HEAP_PAD) == 1
-    return _heaps_kept
+    from rwkvsam_core.allocator import keep_thread_heaps as keep
+
+    return keep()
 
 
 def load_model(spec: ModelSpec):

@@ -25,7 +25,23 @@ logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_TOP_PAD = -2
+THREAD_HEAP_PAD = 128 << 20
 _done = False
+_heaps_kept = False
+
+
+def _mallopt():
+    """glibc's ``mallopt`` as a ctypes function, or None off Linux/glibc or with
+    ``RWKVSAM_TUNE_ALLOCATOR=0``."""
+    if os.environ.get("RWKVSAM_TUNE_ALLOCATOR", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl or another libc without mallopt
+        return None
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return mallopt
 
 
 def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
@@ -36,15 +52,26 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30
     global _done
     if _done:
         return True
-    if os.environ.get("RWKVSAM_TUNE_ALLOCATOR", "1") == "0" or not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     _done = ok
     logger.debug("glibc allocator tuned: %s", ok)
     return ok
+
+
+def keep_thread_heaps(top_pad: int = THREAD_HEAP_PAD) -> bool:
+    """Set glibc's ``M_TOP_PAD`` once per process so freed heaps of thread arenas stay mapped
+    (see ``napari_plugin._engine.keep_thread_heaps`` for why a decode thread needs it).
+
+    Returns True if the setting is in effect; off like :func:`tune_allocator`.
+    """
+    global _heaps_kept
+    if _heaps_kept:
+        return True
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    _heaps_kept = mallopt(_M_TOP_PAD, top_pad) == 1
+    return _heaps_kept
