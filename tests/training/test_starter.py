@@ -71,3 +71,45 @@ def test_synth_options_parse_and_reject_unknown_keys() -> None:
     for bad in ("nope=1", "parts_prob", "object_scale=0.5", "max_objects=x"):
         with pytest.raises(SystemExit):
             set_synth_option(cfg, bad)
+
+
+def test_distill_only_run_trains_the_encoder_towards_the_teacher(instance_dir: Path, tmp_path: Path) -> None:
+    """``train --teacher ... --init-decoder --distill-only``: the decoder is LiteMedSAM's and stays put,
+    only backbone + neck move, and the logged loss is the embedding MSE."""
+    from argparse import Namespace
+
+    from rwkvsam_core.data import InstanceFolderDataset
+    from training.starter import _fit, _model, _teacher, starter_config
+
+    args = Namespace(
+        teacher="lite-medsam",
+        init=None,
+        image_size=1024,
+        init_decoder=True,
+        distill_only=True,
+        distill_weight=0.0,
+        batch_size=1,
+        lr=1e-4,
+        warmup_steps=1,
+        scale_range="1:1",
+        save_every=10,
+        num_workers=0,
+        seed=0,
+        minutes=None,
+    )
+    teacher, state = _teacher(args, "cpu")
+    torch.manual_seed(0)
+    model = _model(args, "cpu", state)
+    assert torch.equal(
+        model.state_dict()["mask_decoder.iou_token.weight"], state["mask_decoder.iou_token.weight"]
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = starter_config(args, 1)
+    cfg.progress, cfg.tensorboard, cfg.device = False, False, "cpu"
+    res = _fit(args, model, InstanceFolderDataset(instance_dir), cfg, tmp_path / "run", teacher)
+    assert res.steps == 1 and res.history[0]["mse"] > 0
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"backbone", "neck"}
+    args.distill_only = False
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        _model(Namespace(**{**vars(args), "teacher": None}), "cpu", None)

