@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--init-decoder",
         action="store_true",
-        help="copy the teacher's prompt encoder and mask decoder (refine -> identity)",
+        help="copy the teacher's prompt encoder, mask decoder and neck after its first conv (refine -> identity)",
     )
     s = sub.add_parser("shards", help="model weights as <15 MiB safetensors shards")
     g = s.add_mutually_exclusive_group(required=True)

@@ -306,14 +306,28 @@ def build_lite_medsam_teacher(
     return teacher.to(device).eval()
 
 
+# RWKV-SAM's neck and the teacher's are the same layers after the first 1x1 convolution (whose input
+# width differs): LN2d, conv3x3 256->256, LN2d
+_NECK_KEYS = {
+    "neck.out_proj.1.weight": "image_encoder.neck.1.weight",
+    "neck.out_proj.1.bias": "image_encoder.neck.1.bias",
+    "neck.out_proj.2.weight": "image_encoder.neck.2.weight",
+    "neck.out_proj.3.weight": "image_encoder.neck.3.weight",
+    "neck.out_proj.3.bias": "image_encoder.neck.3.bias",
+}
+
+
 def init_decoder_from_lite_medsam(
-    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None, neck: bool = True
 ) -> list[str]:
     """Copy LiteMedSAM's prompt encoder and mask decoder into an RWKV-SAM ``model`` (multimask layout).
 
     The refine module's last convolution is zeroed, so refine starts as the identity
     (``fuse(f_sam) = f_sam``) and the copied decoder sees exactly the mask features it was trained on.
-    Returns the copied keys.
+    With ``neck`` the neck's layers after its first convolution are the teacher's too, so the student's
+    embedding starts with the teacher's scale: the teacher's final LayerNorm has weights of mean |w| 0.14,
+    a fresh or segmentation-trained one ~1, and AdamW needs ~2000 steps to shrink them by itself (the
+    stage-1 MSE then sits at twice the teacher's mean square). Returns the copied keys (ours).
     """
     state = lite_medsam_state_dict() if state is None else state
     if getattr(model, "decoder_mode", "multimask") != "multimask":
@@ -329,6 +343,11 @@ def init_decoder_from_lite_medsam(
         raise ValueError(
             f"LiteMedSAM decoder does not fit: missing {missing[:5]}, unknown {unknown[:5]}, shape {bad[:5]}"
         )
+    if neck:
+        for ours_key, theirs in _NECK_KEYS.items():
+            if ours_key not in ours or ours[ours_key].shape != state[theirs].shape:
+                raise ValueError(f"the model's neck does not fit the teacher's at {ours_key}")
+            sub[ours_key] = state[theirs]
     model.load_state_dict(sub, strict=False)
     refine = getattr(model, "refine", None)
     if refine is not None:

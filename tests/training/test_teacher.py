@@ -68,7 +68,12 @@ def test_tiny_vit_reproduces_the_published_encoder(teacher) -> None:
 def test_copied_decoder_reproduces_the_published_mask(teacher, state) -> None:
     model = _student()
     keys = init_decoder_from_lite_medsam(model, state)
-    assert len(keys) == len([k for k in state if k.startswith(("prompt_encoder.", "mask_decoder."))])
+    assert len(keys) == len([k for k in state if k.startswith(("prompt_encoder.", "mask_decoder."))]) + 5
+    for ours, theirs in (
+        ("neck.out_proj.2.weight", "neck.2.weight"),
+        ("neck.out_proj.3.bias", "neck.3.bias"),
+    ):
+        assert torch.equal(model.state_dict()[ours], state[f"image_encoder.{theirs}"])
     with torch.no_grad():
         feats = {
             "embedding": teacher.encode_image(_ref_input())["embedding"],
