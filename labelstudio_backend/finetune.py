@@ -20,7 +20,6 @@ losses, schedule, checkpoints, resuming) is the engine's:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -150,34 +149,13 @@ def run_finetune_with_boxes(
     metadata: dict[str, Any] | None = None,
 ) -> Any:
     """``rwkvsam_core.finetune.run_finetune`` with stored boxes as box prompts (same arguments)."""
-    from rwkvsam_core.finetune import SegmentationTask, set_trainable, train
-    from rwkvsam_core.finetune.distributed import init_distributed
+    from rwkvsam_core.finetune import run_finetune
 
-    if config.image_size is not None and int(config.image_size) != int(model.image_size):
-        raise ValueError(
-            f"config.image_size={config.image_size} but the model was built for {model.image_size}"
-        )
-    datasets = list(dataset) if isinstance(dataset, (list, tuple)) else [dataset]
-    for d in datasets:
-        if len(d) == 0:
-            raise ValueError(f"dataset {d!r} is empty")
-    info = init_distributed(config.device)
-    model.to(info.device)
-    set_trainable(model, config.train_parts)
-    transform = StoredBoxTransform(
-        TrainTransform(
-            image_size=int(model.image_size),
-            scale_range=config.scale_range,
-            flip_prob=config.flip_prob,
-            color_jitter=config.color_jitter,
-            min_mask_pixels=config.min_mask_pixels,
-            max_instances=config.max_instances,
-            augment=config.augment,
-        )
-    )
-    task = SegmentationTask(model, config)
-    task.sample_prep = StoredBoxPrompts(task.sample_prep)
-    return train(task, model, datasets, transform, config, output_dir, resume, None, info, metadata)
+    return run_finetune(model, dataset, config, output_dir, resume, metadata=metadata, **BOX_HOOKS)
+
+
+# the engine's hooks that make stored boxes the box prompts
+BOX_HOOKS: dict[str, Any] = {"transform_wrapper": StoredBoxTransform, "prompt_wrapper": StoredBoxPrompts}
 
 
 def open_data(path: str, images: str | None = None) -> Any:
@@ -187,49 +165,17 @@ def open_data(path: str, images: str | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Same options, output and exit codes as ``python -m rwkvsam_core.finetune``."""
-    import torch
+    """Same options, output and exit codes as ``python -m rwkvsam_core.finetune`` (it is that entry,
+    with :func:`open_data` and the stored-box hooks)."""
+    from rwkvsam_core.finetune.__main__ import main as core_main
 
-    from rwkvsam_core import build_model
-    from rwkvsam_core.finetune.cli import add_finetune_args, config_from_args
-    from rwkvsam_core.finetune.distributed import init_distributed
-
-    parser = argparse.ArgumentParser(
-        prog="python -m labelstudio_backend.finetune", description=__doc__.splitlines()[0]
+    return core_main(
+        argv,
+        prog="python -m labelstudio_backend.finetune",
+        description=__doc__.splitlines()[0],
+        opener=open_data,
+        **BOX_HOOKS,
     )
-    add_finetune_args(parser)
-    parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-        images = args.images or []
-        datasets = [open_data(p, images[i] if i < len(images) else None) for i, p in enumerate(args.data)]
-        info = init_distributed(cfg.device)
-        torch.manual_seed(cfg.seed)
-        model = build_model(
-            args.model, checkpoint=args.checkpoint, device=info.device, image_size=cfg.image_size
-        )
-        result = run_finetune_with_boxes(
-            model,
-            datasets if len(datasets) > 1 else datasets[0],
-            cfg,
-            args.out,
-            resume=not args.no_resume,
-            metadata={"trained_on": [Path(p).name for p in args.data]},
-        )
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # one line for the worker that runs us as a child process
-        logger.debug("fine-tuning failed", exc_info=True)
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    last = result.history[-1]["loss"] if result.history else float("nan")
-    print(
-        f"done: {result.steps} steps, last loss {last:.4f}, skipped {result.skipped}, checkpoint {result.checkpoint}"
-    )
-    return 0
 
 
 if __name__ == "__main__":

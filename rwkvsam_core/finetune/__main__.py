@@ -8,20 +8,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    prog: str = "python -m rwkvsam_core.finetune",
+    description: str | None = None,
+    opener: Any = None,
+    **run_kwargs: Any,
+) -> int:
+    """The command line. Front ends with their own entry (e.g. the Label Studio backend) pass their
+    ``prog``, a dataset ``opener`` and :func:`run_finetune` hooks, and answer exactly like this one."""
     from .cli import add_finetune_args, finetune_from_args
 
-    parser = argparse.ArgumentParser(
-        prog="python -m rwkvsam_core.finetune", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     add_finetune_args(parser)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = finetune_from_args(args)
+        result = finetune_from_args(args, opener=opener, **run_kwargs)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -115,21 +115,25 @@ def config_from_args(args: argparse.Namespace, base: FinetuneConfig | None = Non
     return cfg
 
 
-def open_datasets(paths: list[str], images: list[str] | None) -> list[Any]:
-    """Open every ``--data`` with :func:`rwkvsam_core.data.open_dataset`."""
-    from ..data import open_dataset
+def open_datasets(paths: list[str], images: list[str] | None, opener: Any = None) -> list[Any]:
+    """Open every ``--data`` with ``opener(path, images)`` (default :func:`rwkvsam_core.data.open_dataset`)."""
+    if opener is None:
+        from ..data import open_dataset as opener
 
     images = images or []
-    return [open_dataset(p, images[i] if i < len(images) else None) for i, p in enumerate(paths)]
+    return [opener(p, images[i] if i < len(images) else None) for i, p in enumerate(paths)]
 
 
-def finetune_from_args(args: argparse.Namespace, base: FinetuneConfig | None = None) -> FinetuneResult:
-    """Open the data, build the model and run :func:`run_finetune` as the options say."""
+def finetune_from_args(
+    args: argparse.Namespace, base: FinetuneConfig | None = None, opener: Any = None, **run_kwargs: Any
+) -> FinetuneResult:
+    """Open the data (with ``opener``, see :func:`open_datasets`), build the model and run
+    :func:`run_finetune` as the options say; ``run_kwargs`` go to :func:`run_finetune` (its hooks)."""
     from ..build import build_model
     from .distributed import init_distributed
 
     cfg = config_from_args(args, base)
-    datasets = open_datasets(args.data, args.images)
+    datasets = open_datasets(args.data, args.images, opener)
     info = init_distributed(cfg.device)
     import torch
 
@@ -143,4 +147,5 @@ def finetune_from_args(args: argparse.Namespace, base: FinetuneConfig | None = N
         args.out,
         resume=not args.no_resume,
         metadata=meta,
+        **run_kwargs,
     )

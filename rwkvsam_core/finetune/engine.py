@@ -621,6 +621,9 @@ def run_finetune(
     log_fn: Callable[[dict[str, Any]], None] | None = None,
     metadata: dict[str, Any] | None = None,
     feature_loss: Callable[[list[dict[str, Any]], dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    transform_wrapper: Callable[[TrainTransform], Any] | None = None,
+    prompt_wrapper: Callable[[Callable[[dict[str, Any]], None]], Callable[[dict[str, Any]], None]]
+    | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on instance masks and write ``output_dir/model.safetensors``.
 
@@ -633,6 +636,11 @@ def run_finetune(
         log_fn: called on the main process with every step's record.
         feature_loss: optional ``f(samples, feats) -> scalar`` (mean over the batch's images) added to
             the loss, e.g. :class:`training.teacher.TeacherFeatureLoss` (stage 2 with distillation).
+        transform_wrapper: optional ``f(transform) -> transform`` around the engine's augmentation
+            (``transform(sample, rng) -> sample``), e.g. to carry per-mask data through it.
+        prompt_wrapper: optional ``f(draw) -> draw`` around the engine's prompt drawing (``draw(sample)``
+            sets ``sample["prompts"]``), e.g. to replace drawn boxes with boxes a dataset provides.
+            Both wrappers run where the batch is collated (DataLoader workers): they must pickle.
     Returns:
         :class:`FinetuneResult` (checkpoint written atomically with ``rwkvsam_core.save_checkpoint``).
     """
@@ -657,5 +665,9 @@ def run_finetune(
         max_instances=config.max_instances,
         augment=config.augment,
     )
+    if transform_wrapper is not None:
+        transform = transform_wrapper(transform)
     task = SegmentationTask(model, config, feature_loss)
+    if prompt_wrapper is not None:
+        task.sample_prep = prompt_wrapper(task.sample_prep)
     return train(task, model, datasets, transform, config, output_dir, resume, log_fn, info, metadata)
