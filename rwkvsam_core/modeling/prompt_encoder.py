@@ -60,8 +60,11 @@ class PositionEmbeddingRandom(nn.Module):
     def forward_with_coords(self, coords_input: torch.Tensor, image_size: SizeLike) -> torch.Tensor:
         """Encode pixel coordinates ``(B, N, 2)`` (x, y) of an ``(h, w)`` image as ``(B, N, C)``."""
         h, w = _pair(image_size)
-        # Divide (not multiply by a reciprocal): same rounding as the official code.
-        denom = torch.tensor([float(w), float(h)], device=coords_input.device, dtype=torch.float32)
+        # Divide (not multiply by a reciprocal): same rounding as the official code. The divisor
+        # (w, h) is built on the coordinates' device: torch.tensor([w, h], device=...) would copy
+        # from the host, which CUDA-graph capture forbids.
+        first = torch.arange(2, device=coords_input.device) == 0
+        denom = torch.where(first, float(w), float(h)).to(torch.float32)
         coords = coords_input.to(torch.float32) / denom
         return self._pe_encoding(coords)
 
