@@ -199,7 +199,11 @@ def _cancel_point(module, args) -> None:
 
 
 def _install_cancel_points(model) -> None:
-    """Add the cancellation pre-hook to every encoder submodule of ``model`` (once per model)."""
+    """Add the cancellation pre-hook to every encoder submodule of ``model`` (once per model).
+
+    The progress total is the number of those modules one encoder pass really calls (containers and
+    modules whose weights are used without calling them never run), counted on a 64 x 64 input.
+    """
     with _LOCK:
         if model in _HOOKED:
             return
@@ -209,6 +213,16 @@ def _install_cancel_points(model) -> None:
                 module.register_forward_pre_hook(_cancel_point)
                 count += 1
         _HOOKED[model] = count
+        probe = EncoderProgress()
+        try:
+            import torch
+
+            with tracking_progress(probe), torch.inference_mode():
+                model.encode_image(torch.zeros(1, 3, 64, 64, device=model.device))
+        except Exception:  # noqa: BLE001 - an estimate is enough for a progress bar
+            logger.debug("progress probe failed; counting every encoder module", exc_info=True)
+        else:
+            _HOOKED[model] = len(probe._seen) or count
 
 
 def compute_features(

@@ -3,7 +3,8 @@
 The widget is thin: prompts are read from napari's own Points / Shapes layers and turned into SAM
 prompts by the pure functions of :mod:`napari_plugin._conversion`; embeddings are computed by a
 worker thread (:mod:`napari_plugin._engine`, imported lazily so torch is not imported with this
-module), again automatically when the image's contrast limits settle on new values; the live preview
+module), started after napari has painted a newly shown image (so the two do not compete on a small
+CPU), again automatically when the image's contrast limits settle on new values; the live preview
 is decoded in one persistent decode thread (only the latest prompts are decoded) and drawn on the GUI
 thread.
 
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import QEvent, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -103,6 +104,12 @@ CONTRAST_DEBOUNCE_MS = 400  # contrast limits must rest this long before the ima
 PREVIEW_WAIT_MS = 250
 THUMBNAIL_DELAY_MS = 300
 PROGRESS_STEPS = 100
+# An embedding asked for by a change of what the canvas shows (an image opened or chosen, a slice, new
+# data) starts once napari has painted the canvas after that change: on 2 cores with software OpenGL
+# the first paint of a new image (~100 ms of GL setup and texture upload on the GUI thread) and the
+# embedding slowed each other down. When no paint starts within this long after the GUI thread is
+# free again (nothing to redraw), the embedding starts anyway.
+FIRST_PAINT_TIMEOUT_MS = 150
 
 
 def _guarded(func):
@@ -179,6 +186,7 @@ class RWKVSAMWidget(QWidget):
     """
 
     preview_updated = Signal()
+    embedding_started = Signal()  # the embedding thread of a new embedding was started
     embedding_ready = Signal()
     committed = Signal(list)
     undone = Signal(list)
@@ -210,6 +218,8 @@ class RWKVSAMWidget(QWidget):
         self._worker_key: _EmbedKey | None = None
         self._pending_key: _EmbedKey | None = None
         self._failed_key: _EmbedKey | None = None
+        self._deferred_key: _EmbedKey | None = None  # embedding waiting for the canvas to be painted
+        self._paint_watched: list[QWidget] = []  # canvases whose next paint starts it
         self._worker_started = 0.0
         self._prediction: _Prediction | None = None
         self._choice: int | None = None
@@ -240,6 +250,20 @@ class RWKVSAMWidget(QWidget):
         self._thumbnail_timer.setSingleShot(True)
         self._thumbnail_timer.setInterval(THUMBNAIL_DELAY_MS)
         self._thumbnail_timer.timeout.connect(self._update_preview_thumbnail)
+        # a deferred embedding: the safety timeout is armed on the next event-loop turn (the GUI thread
+        # may be busy adding layers until then), and a paint starts it on the turn after the paint
+        self._paint_timeout = QTimer(self)
+        self._paint_timeout.setSingleShot(True)
+        self._paint_timeout.setInterval(FIRST_PAINT_TIMEOUT_MS)
+        self._paint_timeout.timeout.connect(self._start_deferred)
+        self._paint_timeout_arm = QTimer(self)
+        self._paint_timeout_arm.setSingleShot(True)
+        self._paint_timeout_arm.setInterval(0)
+        self._paint_timeout_arm.timeout.connect(self._paint_timeout.start)
+        self._after_paint = QTimer(self)
+        self._after_paint.setSingleShot(True)
+        self._after_paint.setInterval(0)
+        self._after_paint.timeout.connect(self._start_deferred)
 
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -381,6 +405,7 @@ class RWKVSAMWidget(QWidget):
         self._elapsed_timer.stop()
         self._thumbnail_timer.stop()
         self._pending_key = None
+        self._drop_deferred()
         self._decode_pending = None
         self._segment_all = None
         if self._decode_thread is not None:
@@ -490,7 +515,7 @@ class RWKVSAMWidget(QWidget):
         self._ensure_prompt_layers()
         self._set_status(f"image: {layer.name}")
         if self.auto_embed_check.isChecked():
-            self._request_embedding()
+            self._request_embedding(after_paint=True)
         self._schedule_preview()
 
     def _disconnect_image(self, layer: Image) -> None:
@@ -674,26 +699,107 @@ class RWKVSAMWidget(QWidget):
         self._request_embedding(force=True)
 
     @_guarded
-    def _request_embedding(self, force: bool = False) -> None:
-        """Make sure the features of the current slice are (being) computed; cancel stale work."""
+    def _request_embedding(self, force: bool = False, after_paint: bool = False) -> None:
+        """Make sure the features of the current slice are (being) computed; cancel stale work.
+
+        ``after_paint``: the request follows a change of what the canvas shows; a new embedding then
+        starts after napari's next paint of the canvas (see ``FIRST_PAINT_TIMEOUT_MS``).
+        """
         key = self._desired_key()
-        if key is None:
+        if key is None:  # no image any more: its embedding is stale
+            self._drop_deferred()
+            self._pending_key = None
+            self._cancel_worker()
             self._activate(None)
             return
         if key in self._features:
+            self._drop_deferred()
             self._features.move_to_end(key)
             self._activate(key)
             return
         self._activate(None)
         if key == self._failed_key and not force:
+            self._drop_deferred()
             return  # it failed already: retried only by the Embed action or a change of settings
         if self._worker is not None:
+            self._drop_deferred()
             if self._worker_key == key:
                 return
             self._pending_key = key
             self._cancel_worker()  # a stale job: it stops at its next encoder block, its result is ignored
             return
+        if self._deferred_key == key:
+            return  # already waiting for the paint
+        if after_paint or self._deferred_key is not None:
+            self._defer_until_painted(key)
+            return
         self._start_worker(key)
+
+    def _painted_canvases(self) -> list[QWidget]:
+        """The visible OpenGL canvases of the window this widget is docked in (napari's canvas).
+
+        Found through Qt (the main window above the dock, also when the dock floats, and its
+        QOpenGLWidget children), not through napari's private attributes. Empty when the widget is
+        not docked or the viewer is not shown: then no paint will come.
+        """
+        try:
+            from qtpy.QtOpenGLWidgets import QOpenGLWidget
+        except ImportError:  # qtpy without that module name
+            from qtpy.QtWidgets import QOpenGLWidget
+
+        window = self
+        while window.parentWidget() is not None:
+            window = window.parentWidget()
+        if window is self or not window.isVisible():
+            return []
+        return [canvas for canvas in window.findChildren(QOpenGLWidget) if canvas.isVisible()]
+
+    def _defer_until_painted(self, key: _EmbedKey) -> None:
+        """Start the embedding of ``key`` on the event-loop turn after the canvas's next paint."""
+        self._deferred_key = key
+        if self._paint_watched or self._paint_timeout.isActive() or self._paint_timeout_arm.isActive():
+            return  # already waiting for a paint: the latest key starts then
+        canvases = self._painted_canvases()
+        if not canvases:  # nothing will be painted: start now
+            self._deferred_key = None
+            self._start_worker(key)
+            return
+        for canvas in canvases:
+            canvas.installEventFilter(self)
+        self._paint_watched = canvases
+        self._paint_timeout_arm.start()
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt name)
+        if self._paint_watched and event.type() == QEvent.Type.Paint and obj in self._paint_watched:
+            # the paint runs now, in this event; the embedding starts on the next event-loop turn
+            self._stop_watching_paints()
+            self._paint_timeout_arm.stop()
+            self._paint_timeout.stop()
+            self._after_paint.start()
+        return super().eventFilter(obj, event)
+
+    def _stop_watching_paints(self) -> None:
+        for canvas in self._paint_watched:
+            with contextlib.suppress(RuntimeError):  # the canvas was deleted meanwhile
+                canvas.removeEventFilter(self)
+        self._paint_watched = []
+
+    def _drop_deferred(self) -> None:
+        """Forget an embedding waiting for a paint (its image, slice or settings changed)."""
+        self._deferred_key = None
+        self._stop_watching_paints()
+        self._paint_timeout_arm.stop()
+        self._paint_timeout.stop()
+        self._after_paint.stop()
+
+    @_guarded
+    def _start_deferred(self) -> None:
+        key = self._deferred_key
+        self._drop_deferred()
+        if self._closed or key is None or self._worker is not None:
+            return
+        if key == self._safe_desired_key() and key not in self._features:
+            self._start_worker(key)
 
     def _cancel_worker(self) -> None:
         if self._worker is not None:
@@ -734,6 +840,7 @@ class RWKVSAMWidget(QWidget):
         self._elapsed_timer.start()
         self._show_elapsed()
         worker.start()
+        self.embedding_started.emit()
 
     def _show_elapsed(self) -> None:
         if self._worker_key is None:
@@ -823,6 +930,12 @@ class RWKVSAMWidget(QWidget):
 
     @property
     def is_embedding(self) -> bool:
+        """True while an embedding runs, or waits to start until the canvas has been painted."""
+        return self._worker is not None or self._deferred_key is not None
+
+    @property
+    def is_embedding_started(self) -> bool:
+        """True while an embedding runs in its thread (not while it waits for the canvas's paint)."""
         return self._worker is not None
 
     def _on_image_data(self, event=None) -> None:
@@ -833,7 +946,7 @@ class RWKVSAMWidget(QWidget):
         self._contrast_timer.stop()  # new data: embed it with the limits it has now
         self._settled_contrast[id(layer)] = self._layer_contrast(layer)
         if self.auto_embed_check.isChecked():
-            self._request_embedding()
+            self._request_embedding(after_paint=True)
 
     def _on_model_changed(self, *args) -> None:
         self._segmenter = None
@@ -851,7 +964,7 @@ class RWKVSAMWidget(QWidget):
             return
         self._active_key = None
         if self.auto_embed_check.isChecked() or self._has_prompts():
-            self._request_embedding()
+            self._request_embedding(after_paint=True)
         self._schedule_preview()
 
     # ------------------------------------------------------------------------------------- prompts
@@ -937,7 +1050,7 @@ class RWKVSAMWidget(QWidget):
             return
         key = self._desired_key()
         if key != self._active_key or self._segmenter is None:
-            if self._has_prompts() and self._worker is None and key is not None:
+            if self._has_prompts() and not self.is_embedding and key is not None:
                 self._request_embedding()
             return
         key, batch, signature = self._current_batch()

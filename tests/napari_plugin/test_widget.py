@@ -787,3 +787,91 @@ def test_torch_work_stays_off_the_gui_thread_and_the_embedding_thread_ends(dock,
     gui = threading.main_thread()
     assert all(thread is not gui for _, thread in decodes)
     assert all(thread is not gui for thread in upsampled)
+
+
+def test_embedding_of_a_new_image_starts_after_the_canvas_is_painted(dock, qtbot):
+    """The embedding thread does not compete with napari's first paint of a new image (2 cores)."""
+    import time
+
+    from qtpy.QtCore import QEvent, QObject
+
+    viewer, widget = dock(show=True)
+    viewer.window._qt_window.resize(900, 700)
+    canvas = viewer.window._qt_viewer.canvas.native  # the test may look inside napari; the widget does not
+    qtbot.waitUntil(canvas.isVisible, timeout=10_000)
+
+    class PaintSpy(QObject):
+        def __init__(self):
+            super().__init__()
+            self.painted: list[float] = []
+
+        def eventFilter(self, obj, event):  # noqa: N802 (Qt name)
+            if event.type() == QEvent.Type.Paint:
+                self.painted.append(time.perf_counter())
+            return False
+
+    spy = PaintSpy()
+    canvas.installEventFilter(spy)
+    started: list[float] = []
+    widget.embedding_started.connect(lambda: started.append(time.perf_counter()))
+    rng = np.random.default_rng(11)
+    img = (rng.random((200, 260)) * 1000).astype(np.float32)  # not in any cache
+    spy.painted.clear()
+    viewer.add_image(img, name="new image")
+    # requested, but waiting for the paint: nothing started inside the layer event
+    assert widget.is_embedding and not widget.is_embedding_started and started == []
+    # a prompt placed before the embedding starts is honoured when it is ready
+    widget.boxes_layer.add_rectangles(np.array([[40.0, 50.0], [150.0, 200.0]]))
+    qtbot.waitUntil(lambda: bool(started), timeout=10_000)
+    canvas.removeEventFilter(spy)
+    assert spy.painted and spy.painted[0] < started[0], "the embedding started before the canvas was painted"
+    assert len(started) == 1
+    wait_ready(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=10_000)
+    assert not widget.preview_layer.data[~box_region(img.shape, (40, 150), (50, 200))].any()
+
+
+def test_a_deferred_embedding_starts_without_a_paint_and_follows_the_latest_image(dock, qtbot, monkeypatch):
+    import time
+
+    from qtpy.QtWidgets import QWidget
+
+    from napari_plugin import _widget
+
+    viewer, widget = dock(show=True)
+    qtbot.waitUntil(viewer.window._qt_viewer.canvas.native.isVisible, timeout=10_000)
+    never_painted = QWidget()  # stands for a canvas that gets no paint event (nothing to redraw)
+    monkeypatch.setattr(widget, "_painted_canvases", lambda: [never_painted])
+    starts: list[tuple[float, int]] = []
+    widget.embedding_started.connect(
+        lambda: starts.append((time.perf_counter(), widget._worker_key.layer_id))
+    )
+    rng = np.random.default_rng(12)
+    t0 = time.perf_counter()
+    a = viewer.add_image((rng.random((120, 150)) * 255).astype(np.uint8), name="a")
+    assert widget.is_embedding and not widget.is_embedding_started
+    # another image chosen before it started: only that one is embedded (the stale request is dropped)
+    b = viewer.add_image((rng.random((130, 160)) * 255).astype(np.uint8), name="b")
+    widget.image_combo.setCurrentIndex(1)
+    assert widget.image_layer is b and widget.is_embedding and not widget.is_embedding_started
+    qtbot.waitUntil(lambda: bool(starts), timeout=10_000)
+    assert (starts[0][0] - t0) * 1000 >= _widget.FIRST_PAINT_TIMEOUT_MS  # the safety timeout started it
+    wait_ready(qtbot, widget)
+    assert [layer_id for _, layer_id in starts] == [id(b)]
+    assert widget._active_key.layer_id == id(b) and id(a) not in {key.layer_id for key in widget._features}
+    # an image removed while its embedding waits: not embedded (the widget moves on to the first image)
+    starts.clear()
+    c = viewer.add_image((rng.random((100, 110)) * 255).astype(np.uint8), name="c")
+    widget.image_combo.setCurrentIndex(2)
+    assert widget.image_layer is c and widget.is_embedding and not widget.is_embedding_started
+    viewer.layers.remove(c)
+    assert widget.image_layer is a
+    wait_ready(qtbot, widget)
+    assert [layer_id for _, layer_id in starts] == [id(a)]
+
+
+def test_a_hidden_viewer_starts_the_embedding_at_once(dock, qtbot):
+    viewer, widget = dock()  # not shown: no paint will come
+    viewer.add_image((np.random.default_rng(13).random((90, 120)) * 255).astype(np.uint8), name="hidden")
+    assert widget.is_embedding_started
+    wait_ready(qtbot, widget)
