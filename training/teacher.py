@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkvsam_core.modeling.common import LayerNorm2d
+
 __all__ = [
     "TinyViT",
     "LiteMedSAMTeacher",
@@ -157,19 +159,6 @@ class _Stage(nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
-class _LayerNorm2d(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps).permute(
-            0, 3, 1, 2
-        )
-
-
 class TinyViT(nn.Module):
     """LiteMedSAM's TinyViT image encoder: (B, 3, 256, 256) in 0..1 -> (B, 256, 64, 64).
 
@@ -203,9 +192,9 @@ class TinyViT(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.neck = nn.Sequential(
             nn.Conv2d(dims[-1], out_dim, 1, bias=False),
-            _LayerNorm2d(out_dim),
+            LayerNorm2d(out_dim),
             nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=False),
-            _LayerNorm2d(out_dim),
+            LayerNorm2d(out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
