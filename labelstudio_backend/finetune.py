@@ -140,6 +140,10 @@ class StoredBoxPrompts:
                 prompt["box"] = np.asarray(box, dtype=np.float32)
 
 
+# the engine's hooks that make stored boxes the box prompts
+BOX_HOOKS: dict[str, Any] = {"transform_wrapper": StoredBoxTransform, "prompt_wrapper": StoredBoxPrompts}
+
+
 def run_finetune_with_boxes(
     model: Any,
     dataset: Any,
@@ -152,10 +156,6 @@ def run_finetune_with_boxes(
     from rwkvsam_core.finetune import run_finetune
 
     return run_finetune(model, dataset, config, output_dir, resume, metadata=metadata, **BOX_HOOKS)
-
-
-# the engine's hooks that make stored boxes the box prompts
-BOX_HOOKS: dict[str, Any] = {"transform_wrapper": StoredBoxTransform, "prompt_wrapper": StoredBoxPrompts}
 
 
 def open_data(path: str, images: str | None = None) -> Any:

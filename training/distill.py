@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from rwkvsam_core.data import TrainTransform
-from rwkvsam_core.finetune import FinetuneConfig, FinetuneResult, set_trainable, train
+from rwkvsam_core.finetune import FinetuneConfig, FinetuneResult, model_input, set_trainable, train
 from rwkvsam_core.finetune.distributed import DistInfo, init_distributed
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,6 @@ class DistillTask(nn.Module):
         self.__dict__["teacher"] = teacher.eval()
         self.cache = cache
 
-    def _to(self, module: Any, image: np.ndarray, device: torch.device) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()[None]
-        return module.preprocess(x)
-
     @torch.no_grad()
     def teacher_embeddings(self, samples: list[dict[str, Any]], device: torch.device) -> torch.Tensor:
         teacher = self.__dict__["teacher"]
@@ -122,7 +118,7 @@ class DistillTask(nn.Module):
             else:
                 todo.append(i)
         if todo:
-            x = torch.cat([self._to(teacher, samples[i]["image"], device) for i in todo])
+            x = torch.cat([model_input(teacher, samples[i]["image"], device) for i in todo])
             emb = teacher.encode_image(x)["embedding"].float()
             for j, i in enumerate(todo):
                 out[i] = emb[j : j + 1]
@@ -139,7 +135,7 @@ class DistillTask(nn.Module):
             )
             return z, torch.zeros((), device=device), torch.zeros(1, device=device)
         target = self.teacher_embeddings(samples, device)
-        x = torch.cat([self._to(self.student, s["image"], device) for s in samples])
+        x = torch.cat([model_input(self.student, s["image"], device) for s in samples])
         pred = self.student.encode_image(x)["embedding"].float()
         if pred.shape != target.shape:
             raise ValueError(

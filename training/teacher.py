@@ -24,11 +24,11 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkvsam_core.finetune import model_input
 from rwkvsam_core.modeling.common import LayerNorm2d
 
 __all__ = [
@@ -361,16 +361,6 @@ class TeacherFeatureLoss:
     def __call__(self, samples: list[dict[str, Any]], feats: dict[str, torch.Tensor]) -> torch.Tensor:
         emb = feats["embedding"]
         with torch.no_grad():
-            x = torch.cat(
-                [
-                    self.teacher.preprocess(
-                        torch.from_numpy(np.ascontiguousarray(s["image"]))
-                        .to(emb.device)
-                        .permute(2, 0, 1)
-                        .float()[None]
-                    )
-                    for s in samples
-                ]
-            )
+            x = torch.cat([model_input(self.teacher, s["image"], emb.device) for s in samples])
             target = self.teacher.encode_image(x)["embedding"].float()
         return self.weight * ((emb.float() - target) ** 2).mean()

@@ -8,7 +8,15 @@ result = run_finetune(build_model("rwkvsam_t"), InstanceFolderDataset("data/"),
 result.checkpoint   # runs/ft/model.safetensors
 """
 
-from .engine import FinetuneConfig, FinetuneResult, SegmentationTask, run_finetune, set_trainable, train
+from .engine import (
+    FinetuneConfig,
+    FinetuneResult,
+    SegmentationTask,
+    model_input,
+    run_finetune,
+    set_trainable,
+    train,
+)
 from .losses import LossConfig, dice_loss, segmentation_loss, sigmoid_bce
 from .prompts import PromptConfig, mask_to_box, sample_correction_points, sample_instance_prompts
 from .schedule import cosine_with_warmup, lr_factor
@@ -17,6 +25,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "SegmentationTask",
+    "model_input",
     "run_finetune",
     "set_trainable",
     "train",

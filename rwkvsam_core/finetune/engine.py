@@ -189,8 +189,9 @@ class _Collate:
         return {"samples": samples, "skipped": len(items) - len(samples)}
 
 
-def _to_input(model: nn.Module, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``(h, w, 3)`` uint8 -> ``(1, 3, S, S)`` normalised, padded model input."""
+def model_input(model: nn.Module, image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``(h, w, 3)`` uint8 -> ``(1, 3, S, S)`` input of ``model`` (its ``preprocess``: normalised, padded).
+    Any module with a ``preprocess`` of the same contract works, e.g. a distillation teacher."""
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()[None]
     return model.preprocess(x)
 
@@ -237,7 +238,7 @@ class SegmentationTask(nn.Module):
         stats = torch.zeros(len(self.stat_names), device=device)
         if not samples:
             return self._dummy(device), torch.zeros((), device=device), stats
-        x = torch.cat([_to_input(model, smp["image"], device) for smp in samples])
+        x = torch.cat([model_input(model, smp["image"], device) for smp in samples])
         feats = model.encode_image(x)
         # ---- instances and prompts (numpy, per-sample generators) ----
         inst: list[dict[str, Any]] = []
@@ -331,7 +332,7 @@ class SegmentationTask(nn.Module):
             # the engine divides the summed loss by the instance count: scale so the term stays a mean
             aux = self.feature_loss(samples, feats) * count
             total = total + aux
-            stats[len(type(self).stat_names)] += aux.detach()
+            stats[-1] += aux.detach()
         return total, count, stats
 
 
