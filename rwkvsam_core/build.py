@@ -103,7 +103,8 @@ def build_model(
     tune_allocator()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if checkpoint is None and pretrained:
+    ckpt_is_default = checkpoint is None and pretrained
+    if ckpt_is_default:
         checkpoint = default_checkpoint(name)
     ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
     is_sam = name.startswith("sam_")
@@ -113,7 +114,15 @@ def build_model(
         if cfg.get("name") not in (None, name):
             raise CheckpointError(f"{checkpoint} holds a {cfg.get('name')} model, not {name}")
         image_size = image_size or cfg.get("image_size")
-        decoder_mode = decoder_mode or cfg.get("decoder_mode")
+        saved_mode = cfg.get("decoder_mode")
+        if decoder_mode and saved_mode and decoder_mode != saved_mode:
+            # the single-token decoder feeds only mask token 0 through the transformer: a multimask
+            # decoder's weights give other masks there (measured: IoU 0.27 on a real box), not a subset
+            raise CheckpointError(
+                f"{checkpoint} holds a {saved_mode!r} mask decoder; decoder_mode={decoder_mode!r} "
+                f"cannot use it. Leave decoder_mode unset{' or pass pretrained=False' if ckpt_is_default else ''}."
+            )
+        decoder_mode = decoder_mode or saved_mode
     elif ckpt is not None and ckpt.layout in (LAYOUT_AUTHORS, LAYOUT_AUTHORS_STAGE1):
         if is_sam:
             raise CheckpointError(f"{checkpoint} is an RWKV-SAM checkpoint; use an rwkvsam_* model")
@@ -144,12 +153,7 @@ def _load_into(model: PromptableSegmenter, ckpt, source: str, is_sam: bool) -> N
     if ckpt.layout == LAYOUT_OFFICIAL_SAM and not is_sam:
         parts = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
         if model.decoder_mode == "single":
-            parts = {
-                k: v
-                for k, v in parts.items()
-                if not k.startswith("mask_decoder.output_hypernetworks_mlps.")
-                or k.startswith("mask_decoder.output_hypernetworks_mlps.0.")
-            }
+            parts = _single_token_subset(parts)
         _load_subset(model, parts, source, ("prompt_encoder.", "mask_decoder."))
         logger.warning(
             "loaded the prompt encoder and mask decoder of %s; backbone, neck and refine are random", source
@@ -163,6 +167,16 @@ def _load_into(model: PromptableSegmenter, ckpt, source: str, is_sam: bool) -> N
         )
         return
     load_state_dict_strict(model, sd, source)
+
+
+def _single_token_subset(sd: dict) -> dict:
+    """``sd`` without the hypernetwork MLPs of mask tokens 1-3, which a single-token decoder lacks."""
+    return {
+        k: v
+        for k, v in sd.items()
+        if not k.startswith("mask_decoder.output_hypernetworks_mlps.")
+        or k.startswith("mask_decoder.output_hypernetworks_mlps.0.")
+    }
 
 
 def _load_subset(model: torch.nn.Module, sd: dict, source: str, prefixes: tuple[str, ...]) -> None:

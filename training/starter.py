@@ -104,7 +104,9 @@ def build_starter_model(init: str | None, image_size: int, device: str | torch.d
     from rwkvsam_core import build_model
 
     if init and Path(init).is_dir():
-        model = build_model("rwkvsam_t", device="cpu", image_size=image_size, pretrained=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the shards replace every weight on the next line
+            model = build_model("rwkvsam_t", device="cpu", image_size=image_size, pretrained=False)
         model.load_state_dict(load_shards(init), strict=True)
         return model.to(device)
     if init:

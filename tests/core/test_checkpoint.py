@@ -81,7 +81,9 @@ def test_authors_layout_loads_single_token(tmp_path, image_size):
 
 
 def test_authors_layout_errors_name_keys(tmp_path):
-    raw = _to_authors_layout(build_model("rwkvsam_t", device="cpu", image_size=S, decoder_mode="single"))
+    raw = _to_authors_layout(
+        build_model("rwkvsam_t", device="cpu", image_size=S, decoder_mode="single", pretrained=False)
+    )
     sd = raw["state_dict"]
     del sd["backbone.layers.3.attn.key.weight"]
     sd["backbone.pos_embed"] = torch.zeros(1, 64, 192)

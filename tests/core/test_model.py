@@ -101,7 +101,7 @@ def test_forward_gradients_and_checkpointing(name):
 
 
 def test_single_token_mode():
-    model = build_model("rwkvsam_t", device="cpu", image_size=128, decoder_mode="single")
+    model = build_model("rwkvsam_t", device="cpu", image_size=128, decoder_mode="single", pretrained=False)
     keys = model.state_dict().keys()
     assert any(k.startswith("mask_decoder.output_hypernetworks_mlps.0.") for k in keys)
     assert not any(k.startswith("mask_decoder.output_hypernetworks_mlps.1.") for k in keys)
@@ -114,7 +114,7 @@ def test_single_token_mode():
 
 def test_single_token_ignores_other_mask_tokens():
     """In single-token mode the transformer sees only [iou, mask_0, prompts]: tokens 1-3 have no effect."""
-    model = build_model("rwkvsam_t", device="cpu", image_size=64, decoder_mode="single")
+    model = build_model("rwkvsam_t", device="cpu", image_size=64, decoder_mode="single", pretrained=False)
     with torch.no_grad():
         feats = model.encode_image(model.preprocess(torch.rand(1, 3, 64, 64) * 255))
         box = torch.tensor([[1.0, 1.0, 40.0, 40.0]])
@@ -167,7 +167,7 @@ def test_q_shift_directions():
 
 
 def test_fancy_init_values():
-    model = build_model("rwkvsam_t", device="cpu", image_size=64)
+    model = build_model("rwkvsam_t", device="cpu", image_size=64, pretrained=False)
     c = 192
     i = torch.arange(c, dtype=torch.float64)
     for layer_id in (0, 5, 13):
