@@ -83,7 +83,11 @@ def cmd_segment(args) -> int:
         coords = np.array(pts, dtype=np.float64)
         labels = np.array([1] * len(args.point or []) + [0] * len(args.negative or []))
     boxes = np.array(args.box, dtype=np.float64) if args.box else None
-    masks, scores, _ = predictor.predict(coords, labels, boxes, multimask_output=not args.single_mask)
+    if args.candidates == "auto":  # SAM's rule: only one click alone is ambiguous
+        multimask = boxes is None and len(coords) == 1
+    else:
+        multimask = args.candidates == "best"
+    masks, scores, _ = predictor.predict(coords, labels, boxes, multimask_output=multimask)
     if boxes is None or len(boxes) == 1:
         masks, scores = masks[None], scores[None]
     best = scores.argmax(axis=1)
@@ -194,7 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output PNG (mask, or label image for several boxes)")
     p.add_argument("--separate", action="store_true", help="several boxes: one mask file each (OUT_i.png)")
-    p.add_argument("--single-mask", action="store_true", help="one decoder output instead of the best of 3")
+    p.add_argument(
+        "--candidates",
+        choices=("auto", "best", "single"),
+        default="auto",
+        help="best: the best-scored of 3 candidate masks; single: the decoder's single mask; auto "
+        "(default, SAM's rule): best for one click alone, single for a box or several points",
+    )
+    p.add_argument(
+        "--single-mask", dest="candidates", action="store_const", const="single", help=argparse.SUPPRESS
+    )
     _model_args(p)
     p.set_defaults(func=cmd_segment)
 

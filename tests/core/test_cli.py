@@ -70,6 +70,35 @@ def test_segment_box_and_points(photo, tmp_path):
     assert out2.is_file()
 
 
+@pytest.mark.parametrize(
+    "prompt, candidates, multimask",
+    [
+        (["--box", "10", "10", "80", "60"], [], False),
+        (["--point", "30", "30"], [], True),
+        (["--point", "30", "30", "--negative", "70", "50"], [], False),
+        (["--box", "10", "10", "80", "60"], ["--candidates", "best"], True),
+        (["--point", "30", "30"], ["--candidates", "single"], False),
+        (["--point", "30", "30"], ["--single-mask"], False),  # the old flag still works
+    ],
+)
+def test_segment_candidates_follow_sams_rule(photo, tmp_path, monkeypatch, prompt, candidates, multimask):
+    """One click alone decodes 3 candidates (the best is written); a box or several points the single mask."""
+    from rwkvsam_core import predictor as predictor_module
+
+    seen = []
+    original = predictor_module.Predictor.predict
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["multimask_output"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(predictor_module.Predictor, "predict", spy)
+    out = tmp_path / "m.png"
+    argv = ["segment", str(photo), *prompt, *candidates, "--image-size", "64", "--out", str(out)]
+    assert main(argv) == 0
+    assert seen == [multimask] and out.is_file()
+
+
 def test_segment_several_boxes(photo, tmp_path):
     out = tmp_path / "labels.png"
     args = [
