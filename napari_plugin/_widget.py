@@ -320,8 +320,13 @@ class RWKVSAMWidget(QWidget):
             "an object prompted by a box lies inside its box: drop mask pixels outside it"
         )
         self.clip_check.toggled.connect(self._render_prediction)
-        self.multimask_check = QCheckBox("multimask candidates")
+        self.multimask_check = QCheckBox("candidates for a single click")
         self.multimask_check.setChecked(True)
+        self.multimask_check.setToolTip(
+            "one click is ambiguous (a part, the object, a group): decode three candidate masks "
+            f"({KEYS['next_mask']} cycles them). A box or several clicks decode the single mask "
+            "(SAM's rule; it scores higher on held-out boxes)"
+        )
         self.multimask_check.toggled.connect(self._schedule_preview)
         self.overwrite_check = QCheckBox("overwrite existing labels")
         self.overwrite_check.setToolTip("when off, a commit only fills unlabelled pixels")
@@ -1025,6 +1030,17 @@ class RWKVSAMWidget(QWidget):
             prompts.messages += notes
         return prompts
 
+    def _multimask_for(self, batch: PromptBatch) -> bool:
+        """Whether ``batch`` decodes three candidates: only an object given by one click (SAM's rule).
+
+        A box or several clicks are not ambiguous; their single mask is SAM's output for them and
+        scored higher than the best candidate on the held-out boxes (BENCHMARKS.md, issue 7).
+        """
+        if not self.multimask_check.isChecked() or batch.boxes is not None:
+            return False
+        labels = batch.point_labels
+        return labels is not None and len(labels) == 1 and int((labels[0] >= 0).sum()) == 1
+
     def _current_batch(self, boxes_only: bool = False) -> tuple[_EmbedKey, PromptBatch, tuple]:
         """The active key, the prompts of the current slice grouped into objects, and their signature."""
         key = self._active_key
@@ -1032,7 +1048,7 @@ class RWKVSAMWidget(QWidget):
         prompts = self._gather(key.slice_index, hw, boxes_only=boxes_only)
         batch = PromptBatch(None, None, prompts.boxes) if boxes_only else group_prompts(prompts)
         self._note(prompts.messages + batch.messages)
-        multimask = self.multimask_check.isChecked()
+        multimask = self._multimask_for(batch)
         signature = (key, multimask) + tuple(
             None if a is None else (a.shape, a.tobytes())
             for a in (batch.point_coords, batch.point_labels, batch.boxes)
@@ -1103,7 +1119,7 @@ class RWKVSAMWidget(QWidget):
         request = self._decode_seq
         self._decode_pending = request
         segmenter, features = self._segmenter, self._active_features
-        multimask = self.multimask_check.isChecked()
+        multimask = self._multimask_for(batch)
         deliver = self._decoded.emit
         done = threading.Event()
         answer: list[tuple] = []
@@ -1236,7 +1252,10 @@ class RWKVSAMWidget(QWidget):
             raise PromptError("no preview yet: click a point or draw a box first")
         k = pred.scores.shape[1]
         if k < 2:
-            raise PromptError("this model gives a single mask per prompt")
+            raise PromptError(
+                "one mask only: candidates come for a single click without a box "
+                f"(and with '{self.multimask_check.text()}' on, on a model that has them)"
+            )
         if self._choice is None:
             self._choice = int(np.argmax(pred.scores[0]))
         self._choice = (self._choice + 1) % k
@@ -1256,7 +1275,7 @@ class RWKVSAMWidget(QWidget):
         pred = self._prediction
         if pred is None or pred.signature != signature:
             segmenter, features = self._segmenter, self._active_features
-            multimask = self.multimask_check.isChecked()
+            multimask = self._multimask_for(batch)
             masks, scores = self._run_in_decoder(
                 lambda: segmenter.predict(features, batch, multimask=multimask)
             )
@@ -1355,7 +1374,7 @@ class RWKVSAMWidget(QWidget):
         self._decode_seq += 1
         request = _SegmentAllRequest(self._decode_seq, key, id(self._image_layer), shapes, len(batch.boxes))
         segmenter, features = self._segmenter, self._active_features
-        multimask, clip = self.multimask_check.isChecked(), self.clip_check.isChecked()
+        multimask, clip = self._multimask_for(batch), self.clip_check.isChecked()
         final_masks = self._final_masks
         deliver = self._segmented.emit
 

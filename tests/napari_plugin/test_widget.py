@@ -1,8 +1,8 @@
 """The RWKV-SAM dock widget in a real napari viewer (Xvfb + pytest-qt).
 
-Models have random weights (no trained weights exist yet), so these tests check the GUI logic and the
-geometry of the masks (inside the box, on the right slice, at full resolution), not their quality.
-Input size 256 keeps the embeddings short on a 2-core CPU.
+The widget runs the shipped rwkvsam_t weights at input size 256 (short embeddings on a 2-core CPU,
+far from the size they were trained at), so these tests check the GUI logic and the geometry of the
+masks (inside the box, on the right slice, at full resolution), not their quality.
 """
 
 from __future__ import annotations
@@ -434,6 +434,32 @@ def _layer_prompts(widget):
     )
 
 
+def test_candidates_only_for_a_single_click(dock, qtbot):
+    """SAM's rule: one click decodes three candidates; a box or several clicks decode the single mask."""
+    viewer, widget = dock()
+    viewer.add_image(coffee(), name="coffee", rgb=True)
+    wait_ready(qtbot, widget)
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        click(viewer, widget.points_layer, (150, 280))
+    assert widget._prediction.scores.shape == (1, 3)
+    widget.next_mask()
+    assert widget._choice is not None
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        click(viewer, widget.points_layer, (100, 200), shift=True)
+    assert widget._prediction.scores.shape == (1, 1)  # two clicks
+    assert "mask scores" in widget.scores_label.text() and "next mask" not in widget.scores_label.text()
+    widget.next_mask()  # guarded: a notice, no change
+    assert widget._prediction.scores.shape == (1, 1)
+    widget.clear()
+    add_box(qtbot, widget, (60, 260), (150, 420))
+    assert widget._prediction.scores.shape == (1, 1)  # a box
+    widget.clear()
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        widget.multimask_check.setChecked(False)
+        click(viewer, widget.points_layer, (150, 280))
+    assert widget._prediction.scores.shape == (1, 1)  # candidates switched off
+
+
 def test_undo_brings_back_the_prompts_and_the_preview(dock, qtbot, monkeypatch):
     viewer, widget = dock()
     viewer.add_image(coffee(), name="coffee", rgb=True)
@@ -777,11 +803,14 @@ def test_torch_work_stays_off_the_gui_thread_and_the_embedding_thread_ends(dock,
         return original_upsample(*args, **kwargs)
 
     monkeypatch.setattr(rwkvsam_core, "postprocess_masks", spy_upsample)
-    add_box(qtbot, widget, (60, 260), (150, 420))  # preview
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        click(viewer, widget.points_layer, (150, 280))  # one click: three candidates, the best shown
+    assert widget._prediction.scores.shape[1] == 3 and len(upsampled) == 1
     widget.next_mask()  # another candidate: upsampled now
     assert len(upsampled) == 2
     widget.preview_wait_ms = 0
-    widget.points_layer.add([150.0, 280.0])
+    corners = [[60, 150], [60, 420], [260, 420], [260, 150]]
+    widget.boxes_layer.add_rectangles(np.array(corners, dtype=float))  # box + click: a single mask
     assert widget.commit() == [1]  # decoded for the commit if the preview still lags behind
     assert len(decodes) >= 2 and upsampled
     gui = threading.main_thread()
