@@ -171,13 +171,19 @@ def decoder_only(args: argparse.Namespace) -> None:
         f"load average {load[0]:.1f}"
     )
     print(
-        f"model {args.model} (random weights), input {args.size}: build {build_s:.1f} s, "
+        f"model {args.model} ({weights_note(args.model)}), input {args.size}: build {build_s:.1f} s, "
         f"embedding {embed_s:.1f} s (400x600 image)"
     )
     print("| decode path (Segmenter.predict) | median / p90 / max ms |")
     print("|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+
+
+def weights_note(name: str) -> str:
+    from rwkvsam_core import default_checkpoint
+
+    return "shipped weights" if default_checkpoint(name) is not None else "random weights"
 
 
 def print_header(args, napari, torch, widget, build_s: float) -> None:
@@ -190,7 +196,7 @@ def print_header(args, napari, torch, widget, build_s: float) -> None:
     print(f"load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     nice = getattr(sys.modules.get("napari_plugin._widget"), "BACKGROUND_NICE", "?")
     print(
-        f"model: {args.model} (random weights), input {args.size}, image 400x600 RGB (sample), "
+        f"model: {args.model} ({weights_note(args.model)}), input {args.size}, image 400x600 RGB (sample), "
         f"model build {build_s:.1f} s (once, not counted below), preview_wait_ms {widget.preview_wait_ms}, "
         f"embedding thread nice +{nice}"
     )

@@ -1,9 +1,8 @@
 """Screenshot of the whole napari window with the RWKV-SAM widget docked (writes docs/napari_screenshot.png).
 
 The sample photograph is opened from the plugin's manifest, one object is committed as a label and a
-second one is previewed (a box plus a positive and a negative point). Starts Xvfb when there is no
-DISPLAY. Without shipped weights the model has random weights (seeded): its masks are noise, clipped
-to their boxes.
+second one is previewed (a box plus a positive point). Starts Xvfb when there is no DISPLAY. The model
+is the default rwkvsam_t with its shipped starter weights (random, seeded, where none are installed).
 
 Usage: python benchmarks/screenshot_napari.py [--size 1024] [--out docs/napari_screenshot.png]
 """
@@ -39,7 +38,7 @@ def main() -> None:
     import torch
     from qtpy.QtWidgets import QApplication
 
-    torch.manual_seed(args.seed)  # random weights until trained ones ship: make the picture reproducible
+    torch.manual_seed(args.seed)  # only matters where no weights are installed
 
     register_plugin()
     viewer = napari.Viewer(show=True, title="RWKV-SAM in napari")
@@ -51,22 +50,18 @@ def main() -> None:
     viewer.open_sample("rwkvsam", "coffee")
     wait_for(app, lambda: widget.is_ready, 1800)
 
-    # a committed object: the saucer and cup, boxed
+    # a committed object: the cup, boxed (the README's example box)
     updated = []
     widget.preview_updated.connect(lambda: updated.append(1))
-    widget.boxes_layer.add_rectangles(np.array([[25.0, 60.0], [330.0, 440.0]]))
+    widget.boxes_layer.add_rectangles(np.array([[15.0, 170.0], [310.0, 410.0]]))
     wait_for(app, lambda: bool(updated), 60)
     widget.commit()
-    # a previewed object: the spoon area, a box plus a positive and a negative point
+    # a previewed object: the spoon's bowl, a box plus a positive point
     updated.clear()
-    widget.boxes_layer.add_rectangles(np.array([[250.0, 430.0], [390.0, 590.0]]))
+    widget.boxes_layer.add_rectangles(np.array([[225.0, 320.0], [330.0, 410.0]]))
     widget.points_layer.feature_defaults = {"label": 1}
-    widget.points_layer.add([320.0, 510.0])
+    widget.points_layer.add([285.0, 365.0])
     widget.points_layer.selected_data = set()
-    widget.points_layer.feature_defaults = {"label": 0}
-    widget.points_layer.add([370.0, 450.0])
-    widget.points_layer.selected_data = set()
-    widget.points_layer.feature_defaults = {"label": 1}
     wait_for(app, lambda: bool(updated), 60)
     viewer.layers.selection.active = widget.points_layer
     viewer.reset_view()

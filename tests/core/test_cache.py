@@ -16,7 +16,7 @@ S = 64
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model("rwkvsam_t", device="cpu", image_size=S)
+    return build_model("rwkvsam_t", device="cpu", image_size=S, pretrained=False)
 
 
 def _img(seed):
@@ -69,8 +69,10 @@ def test_keys_depend_on_image_weights_and_size(model):
     other_size = build_model("rwkvsam_t", device="cpu", image_size=2 * S)
     other_size.load_state_dict(model.state_dict())
     assert model_fingerprint(other_size) != model_fingerprint(model)
-    other_weights = build_model("rwkvsam_t", device="cpu", image_size=S)
+    other_weights = build_model("rwkvsam_t", device="cpu", image_size=S, pretrained=False)  # new draw
     assert model_fingerprint(other_weights) != model_fingerprint(model)
+    shipped = build_model("rwkvsam_t", device="cpu", image_size=S)
+    assert model_fingerprint(shipped) != model_fingerprint(model)
 
 
 def test_corrupt_entry_is_recomputed(model, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 CONFIG = """<View>
@@ -59,3 +61,12 @@ def keypoint(x, y, positive=True, label="cat", ow=IMAGE_W, oh=IMAGE_H) -> dict:
 def local(name: str) -> str:
     """The /data/local-files URL of an image in the test document root."""
     return f"/data/local-files/?d=imgs/{name}"
+
+
+def shipped_version(size: int = 256) -> str:
+    """The backend's base model version with the rwkvsam_t weights shipped in the package."""
+    from rwkvsam_core import default_checkpoint
+
+    path = default_checkpoint("rwkvsam_t")
+    assert path is not None, "rwkvsam_t's starter weights are missing from rwkvsam_core/weights"
+    return f"rwkvsam_t-{size}-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"

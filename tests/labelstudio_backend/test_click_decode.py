@@ -6,6 +6,8 @@ The reference is the previous implementation, kept here: every click alone went 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -18,9 +20,13 @@ from labelstudio_backend.convert import Click, object_start
 def _predictor(name="rwkvsam_t", decoder_mode=None, size=256):
     from rwkvsam_core import Predictor, build_model
 
-    with pytest.warns(UserWarning):  # no shipped weights: seeded random ones
+    # rwkvsam_t: the shipped weights; the single-token decoder and sam_vit_b: seeded random weights
+    shipped = name == "rwkvsam_t" and decoder_mode is None
+    with contextlib.nullcontext() if shipped else pytest.warns(UserWarning, match="RANDOM weights"):
         torch.manual_seed(0)
-        model = build_model(name, image_size=size, device="cpu", decoder_mode=decoder_mode)
+        model = build_model(
+            name, image_size=size, device="cpu", decoder_mode=decoder_mode, pretrained=shipped
+        )
     predictor = Predictor(model)
     predictor.set_image(scene())
     return predictor

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ls_helpers import CONFIG, local, rect
+from ls_helpers import CONFIG, local, rect, shipped_version
 
 from labelstudio_backend.images import LabelStudioAuth
 from labelstudio_backend.offline import preannotate, precompute, shard
@@ -50,14 +50,14 @@ def test_preannotate_imports_masks_and_resumes(settings, monkeypatch):
     by_task = {p["task"]: p for p in ls.imported}
     assert sorted(by_task) == [1, 2]
     assert [r["value"]["brushlabels"] for r in by_task[1]["result"]] == [["cat"], ["dog"]]
-    assert all(p["model_version"] == "rwkvsam_t-256-init" for p in ls.imported)
+    assert all(p["model_version"] == shipped_version() for p in ls.imported)
     # a second run skips what is done (the failed task is retried, and fails again)
     again = FakeLabelStudio(_tasks())
     counts = preannotate(settings, 1, show_progress=False, client=again)
     assert counts["done"] == 0 and counts["skipped"] == 3 and counts["failed"] == 1 and again.imported == []
     # tasks that already hold a prediction of the current version are skipped without the progress file
     tasks = _tasks()[:2]
-    tasks[0]["predictions"] = [{"id": 9, "model_version": "rwkvsam_t-256-init", "result": []}]
+    tasks[0]["predictions"] = [{"id": 9, "model_version": shipped_version(), "result": []}]
     third = FakeLabelStudio(tasks)
     counts = preannotate(settings, 1, resume=False, show_progress=False, client=third)
     assert counts["skipped"] == 1 and counts["done"] == 1
