@@ -3,6 +3,10 @@
 Every object of the chosen set is prompted with its tight ground-truth box; the model's single-mask
 output is kept (SAM's convention for a box prompt, ``multimask_output=False``); ``--multimask`` keeps
 the best-scoring of the three multimask candidates instead (argmax of the predicted IoU).
+``--prompt click`` prompts every object with one positive click instead, at its interior pixel
+farthest from the object's boundary (the usual first click of interactive-segmentation benchmarks),
+and keeps the best-scoring of the three candidates (SAM's rule for one click; ``--single`` keeps the
+single mask). No classical baseline takes a click, and there is no box to clip to: model rows only.
 Results: one table per kind of image (photo / microscopy), printed as markdown and saved as JSON
 with per-object records.
 
@@ -133,6 +137,48 @@ def model_predictor(
     return predict, predict_clipped
 
 
+def first_clicks(masks: np.ndarray) -> np.ndarray:
+    """(N, 2) xy: each mask's interior pixel farthest from its boundary (first of ties, row-major)."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = np.zeros((len(masks), 2), np.float64)
+    for k, m in enumerate(masks):
+        d = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+        r, c = np.unravel_index(int(np.argmax(d)), d.shape)
+        out[k] = (c, r)
+    return out
+
+
+def click_predictor(
+    model_name: str, checkpoint: str | None, device: str | None, items: list[Any], multimask: bool = True
+) -> Any:
+    """``predict(image, boxes) -> (N,H,W) bool`` for one positive first click per object of ``items``
+    (the boxes only say how many objects; the clicks come from the items' masks, in the same order)."""
+    import torch
+
+    from rwkvsam_core import Predictor, build_model
+
+    clicks = {id(it.image): first_clicks(it.masks) for it in items}
+    predictor = Predictor(build_model(model_name, checkpoint=checkpoint, device=device).eval())
+
+    @torch.inference_mode()
+    def predict(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        xy = clicks[id(image)]
+        assert len(xy) == len(boxes)
+        predictor.set_image(image)
+        out = []
+        for s in range(0, len(xy), 64):
+            pts = predictor.transform.apply_coords(xy[s : s + 64, None, :], predictor.original_size)
+            coords = torch.as_tensor(pts, dtype=torch.float32, device=predictor.device)
+            labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=predictor.device)
+            masks, scores, _ = predictor.predict_torch(coords, labels, None, multimask_output=multimask)
+            masks, scores = masks.cpu().numpy(), scores.float().cpu().numpy()
+            out.append(masks[np.arange(len(masks)), scores.argmax(axis=1)])
+        return np.concatenate(out) if out else np.zeros((0, *image.shape[:2]), bool)
+
+    return predict
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring); returns the exit code."""
     from classical_baselines import BASELINES, baseline_predictor, evaluate_method, format_table, summarize
@@ -158,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the best of the multimask candidates, not the single mask",
     )
     ap.add_argument("--images", default=None, help="comma list of image names to keep (smoke runs)")
+    ap.add_argument(
+        "--prompt", default="box", choices=["box", "click"], help="box (default) or one first click"
+    )
+    ap.add_argument(
+        "--single", action="store_true", help="--prompt click: the single mask, not the best of 3"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -183,9 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.multimask:
             model_label += " multimask best"
         t0 = time.perf_counter()
-        raw, clipped = model_predictor(args.model, args.checkpoint, args.device, multimask=args.multimask)
-        records += evaluate_method(items, raw, model_label)
-        records += evaluate_method(items, clipped, model_label + " clipped to box")
+        if args.prompt == "click":
+            model_label += " one click" + (" single mask" if args.single else " best of 3")
+            click = click_predictor(
+                args.model, args.checkpoint, args.device, items, multimask=not args.single
+            )
+            records += evaluate_method(items, click, model_label)
+        else:
+            raw, clipped = model_predictor(args.model, args.checkpoint, args.device, multimask=args.multimask)
+            records += evaluate_method(items, raw, model_label)
+            records += evaluate_method(items, clipped, model_label + " clipped to box")
         logger.info("model done in %.1fs", time.perf_counter() - t0)
     summary = summarize(records)
     table = format_table(summary)
