@@ -1031,15 +1031,16 @@ class RWKVSAMWidget(QWidget):
         return prompts
 
     def _multimask_for(self, batch: PromptBatch) -> bool:
-        """Whether ``batch`` decodes three candidates: only an object given by one click (SAM's rule).
+        """Whether ``batch`` decodes three candidates: one object given by one click, option on."""
+        from rwkvsam_core.predictor import wants_candidates
 
-        A box or several clicks are not ambiguous; their single mask is SAM's output for them and
-        scored higher than the best candidate on the held-out boxes (BENCHMARKS.md, issue 7).
-        """
-        if not self.multimask_check.isChecked() or batch.boxes is not None:
-            return False
         labels = batch.point_labels
-        return labels is not None and len(labels) == 1 and int((labels[0] >= 0).sum()) == 1
+        return (
+            self.multimask_check.isChecked()
+            and labels is not None
+            and len(labels) == 1
+            and wants_candidates(labels[0], batch.boxes is not None)
+        )
 
     def _current_batch(self, boxes_only: bool = False) -> tuple[_EmbedKey, PromptBatch, tuple]:
         """The active key, the prompts of the current slice grouped into objects, and their signature."""

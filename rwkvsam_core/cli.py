@@ -63,7 +63,7 @@ def _check_point(pt: list[float], w: int, h: int) -> None:
 
 def cmd_segment(args) -> int:
     from .io import read_image, write_mask_png
-    from .predictor import Predictor
+    from .predictor import Predictor, wants_candidates
 
     if not args.box and not args.point:
         raise CLIError("give at least one --box X0 Y0 X1 Y1 or --point X Y")
@@ -83,8 +83,8 @@ def cmd_segment(args) -> int:
         coords = np.array(pts, dtype=np.float64)
         labels = np.array([1] * len(args.point or []) + [0] * len(args.negative or []))
     boxes = np.array(args.box, dtype=np.float64) if args.box else None
-    if args.candidates == "auto":  # SAM's rule: only one click alone is ambiguous
-        multimask = boxes is None and len(coords) == 1
+    if args.candidates == "auto":
+        multimask = wants_candidates(labels, boxes is not None)
     else:
         multimask = args.candidates == "best"
     masks, scores, _ = predictor.predict(coords, labels, boxes, multimask_output=multimask)

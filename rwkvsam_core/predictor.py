@@ -294,6 +294,17 @@ class Predictor:
         return torch.cat(outputs), iou, low_res
 
 
+def wants_candidates(point_labels: np.ndarray | None, has_box: bool) -> bool:
+    """SAM's rule for one object: decode three candidate masks only for a single click without a box.
+
+    One click is ambiguous (a part, the object, a group); a box or several clicks are not, and their
+    single mask is the better output (BENCHMARKS.md, issue 7). Labels < 0 are padding.
+    """
+    if has_box or point_labels is None:
+        return False
+    return int((np.asarray(point_labels) >= 0).sum()) == 1
+
+
 def clip_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Zero ``masks`` (N, K, H, W) outside ``boxes`` (N, 4) XYXY (or (1, 4) for every mask).
 

@@ -195,3 +195,15 @@ def test_clip_to_box_keeps_only_pixels_inside_the_box(predictor, image):
     assert out[0, 0].sum() == 5 * 5 and out[0, 0, 1:6, 2:7].all()
     with pytest.raises(ValueError):
         clip_masks_to_boxes(full, np.zeros((2, 4)))
+
+
+def test_wants_candidates_is_sams_rule():
+    from rwkvsam_core.predictor import wants_candidates
+
+    assert wants_candidates(np.array([1]), has_box=False)
+    assert wants_candidates(np.array([0]), has_box=False)  # one negative click alone is a click too
+    assert wants_candidates(np.array([1, -1, -1]), has_box=False)  # padding does not count
+    assert not wants_candidates(np.array([1, 0]), has_box=False)
+    assert not wants_candidates(np.array([1]), has_box=True)
+    assert not wants_candidates(None, has_box=True)
+    assert not wants_candidates(None, has_box=False)
