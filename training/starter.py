@@ -103,17 +103,14 @@ def build_starter_model(init: str | None, image_size: int, device: str | torch.d
     """``rwkvsam_t`` from random weights, or from ``init`` (a shard folder or any checkpoint)."""
     from rwkvsam_core import build_model
 
-    if init and Path(init).is_dir():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the shards replace every weight on the next line
-            model = build_model("rwkvsam_t", device="cpu", image_size=image_size, pretrained=False)
-        model.load_state_dict(load_shards(init), strict=True)
-        return model.to(device)
-    if init:
+    if init and not Path(init).is_dir():
         return build_model("rwkvsam_t", checkpoint=init, device=device, image_size=image_size)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights are the point here
-        return build_model("rwkvsam_t", device=device, image_size=image_size, pretrained=False)
+        warnings.simplefilter("ignore")  # random weights: the point here, or replaced by the shards below
+        model = build_model("rwkvsam_t", device="cpu", image_size=image_size, pretrained=False)
+    if init:
+        model.load_state_dict(load_shards(init), strict=True)
+    return model.to(device)
 
 
 def starter_config(args: argparse.Namespace, steps: int):
