@@ -4,9 +4,13 @@ For each (B, T, C) of the issue and each dtype, times the CUDA extension, the Tr
 portable PyTorch implementation. Kernel times are the median of CUDA-graph replays (launch overhead
 out), each replay running the op over several input sets in turn so that the inputs do not sit in
 L2 between calls; "eager" is the median of plain calls timed with CUDA events (launch overhead in).
-Bandwidth is the bytes floor over the time: forward reads k, v and writes y; forward+backward
-also reads grad_y and writes dk, dv (6 tensors of B*T*C). The copy column is a measured
-device-to-device copy (bytes read + written per second) on the same card.
+Backends: ``cuda`` times the inference forward (``bi_wkv``) and, for forward+backward, the training
+pair (``bi_wkv_fwd_saved`` keeps lse2 and float32 y, ``bi_wkv_bwd_saved`` uses them), which is what
+``rwkvsam_core.ops.bi_wkv`` runs when gradients are needed; ``cuda-recompute`` is ``bi_wkv`` +
+``bi_wkv_backward`` (the backward recomputes the forward). Bandwidth is the bytes floor over the
+time: forward reads k, v and writes y; forward+backward also reads grad_y and writes dk, dv (6
+tensors of B*T*C). The copy column is a measured device-to-device copy (bytes read + written per
+second) on the same card.
 
 Usage (on a GPU machine):
     python benchmarks/bench_bi_wkv_gpu.py [--json out.json] [--reps 50]
@@ -104,15 +108,24 @@ def _inputs(B: int, T: int, C: int, dtype: torch.dtype, n_sets: int):
     return sets
 
 
+def _saved_pair_bwd(w, u, k, v, gy):
+    """Forward+backward through the training pair: the caller's forward call is the inference one, so
+    this runs the training forward itself and then its backward (the timed forward+backward)."""
+    y, yf, lse = torch.ops.rwkvsam.bi_wkv_fwd_saved(w, u, k, v)
+    return torch.ops.rwkvsam.bi_wkv_bwd_saved(w, u, k, v, y, yf, lse, gy)
+
+
 def _ops() -> dict[str, tuple[Callable, Callable | None, bool]]:
-    """name -> (forward, backward or None, capturable in a CUDA graph)."""
+    """name -> (forward, backward or None, capturable in a CUDA graph). A backward named
+    ``_saved_pair_bwd`` runs the whole training forward+backward (see ``_time_op``)."""
     ops: dict[str, tuple[Callable, Callable | None, bool]] = {}
     from rwkvsam_core.ops import cuda_ext
 
     try:
         _, info = cuda_ext.load_extension()
         print(f"cuda extension: {info}")
-        ops["cuda"] = (torch.ops.rwkvsam.bi_wkv, torch.ops.rwkvsam.bi_wkv_backward, True)
+        ops["cuda"] = (torch.ops.rwkvsam.bi_wkv, _saved_pair_bwd, True)
+        ops["cuda-recompute"] = (torch.ops.rwkvsam.bi_wkv, torch.ops.rwkvsam.bi_wkv_backward, True)
     except Exception as exc:  # report and carry on with the others
         print(f"cuda extension unavailable: {exc}")
     from rwkvsam_core.ops import triton_bi_wkv
@@ -141,6 +154,11 @@ def _time_op(fwd: Callable, bwd: Callable | None, capturable: bool, sets: list, 
         def fb_eager():
             fwd(ws, us, ks, vs).backward(gy)
 
+    elif bwd is _saved_pair_bwd:  # the training forward is inside it
+
+        def fb_eager():
+            bwd(w, u, k, v, gy)
+
     else:
 
         def fb_eager():
@@ -157,7 +175,8 @@ def _time_op(fwd: Callable, bwd: Callable | None, capturable: bool, sets: list, 
 
         def fb_body():
             for w_, u_, k_, v_, g_ in sets:
-                fwd(w_, u_, k_, v_)
+                if bwd is not _saved_pair_bwd:
+                    fwd(w_, u_, k_, v_)
                 bwd(w_, u_, k_, v_, g_)
 
         out["fwd_graph_us"] = _graph_ms(f_body, reps) * 1e3 / len(sets)
@@ -254,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.add_argument("--backends", default="", help="comma list among cuda,triton,portable (default all)")
+    ap.add_argument(
+        "--backends", default="", help="comma list among cuda,cuda-recompute,triton,portable (default all)"
+    )
     ap.add_argument(
         "--profile", action="store_true", help="print per-kernel times of the CUDA extension first"
     )

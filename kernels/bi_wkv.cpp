@@ -58,9 +58,16 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
   }
 }
 
-// y (k's dtype, or float32 with lse when with_lse) and lse (float32, or undefined).
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_in, const at::Tensor& u_in,
-                                                const at::Tensor& k_in, const at::Tensor& v_in, bool with_lse) {
+enum class FwdMode {
+  kOutput,  // y in k's dtype
+  kFloat,   // y in float32 and lse (the backward's recomputation)
+  kSaved,   // y in k's dtype, lse, and yf = y in float32 unless k is float32 (empty then)
+};
+
+// (y, lse, yf) per mode; lse and yf undefined where the mode has none.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_in, const at::Tensor& u_in,
+                                                            const at::Tensor& k_in, const at::Tensor& v_in,
+                                                            FwdMode mode) {
   check_inputs(w_in, u_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(k_in.device());
   const auto k = k_in.contiguous();
@@ -68,34 +75,46 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_in, const at
   const auto w = w_in.to(at::kFloat).contiguous();
   const auto u = u_in.to(at::kFloat).contiguous();
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-  auto y = at::empty(k.sizes(), k.options().dtype(with_lse ? at::kFloat : k.scalar_type()));
-  at::Tensor lse;
-  if (with_lse) lse = at::empty(k.sizes(), k.options().dtype(at::kFloat));
-  if (k.numel() == 0) return {y, lse};
+  const bool fp32_y = mode == FwdMode::kFloat;
+  auto y = at::empty(k.sizes(), k.options().dtype(fp32_y ? at::kFloat : k.scalar_type()));
+  at::Tensor lse, yf;
+  if (mode != FwdMode::kOutput) lse = at::empty(k.sizes(), k.options().dtype(at::kFloat));
+  if (mode == FwdMode::kSaved) {
+    yf = k.scalar_type() == at::kFloat ? at::empty({0}, k.options()) : at::empty(k.sizes(), k.options().dtype(at::kFloat));
+  }
+  if (k.numel() == 0) return {y, lse, yf};
   const int64_t nch = num_chunks(T);
   auto scratch = at::empty({2, 2 * 3 * B * nch * C}, k.options().dtype(at::kFloat));
   const auto stream = at::cuda::getCurrentCUDAStream();
+  float* lse_ptr = lse.defined() ? lse.data_ptr<float>() : nullptr;
+  float* yf_ptr = (yf.defined() && yf.numel() > 0) ? yf.data_ptr<float>() : nullptr;
   dispatch_dtype(k.scalar_type(), [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     launch_forward<scalar_t>(reinterpret_cast<const scalar_t*>(k.data_ptr()),
                              reinterpret_cast<const scalar_t*>(v.data_ptr()), w.data_ptr<float>(),
-                             u.data_ptr<float>(), y.data_ptr(), with_lse ? lse.data_ptr<float>() : nullptr,
-                             scratch[0].data_ptr<float>(), scratch[1].data_ptr<float>(), static_cast<int>(B),
-                             static_cast<int>(T), static_cast<int>(C), with_lse, stream);
+                             u.data_ptr<float>(), y.data_ptr(), lse_ptr, yf_ptr, scratch[0].data_ptr<float>(),
+                             scratch[1].data_ptr<float>(), static_cast<int>(B), static_cast<int>(T),
+                             static_cast<int>(C), fp32_y, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, lse};
+  return {y, lse, yf};
 }
 
 at::Tensor bi_wkv_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
-  return std::get<0>(forward_impl(w, u, k, v, false));
+  return std::get<0>(forward_impl(w, u, k, v, FwdMode::kOutput));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward_cuda(const at::Tensor& w_in,
-                                                                                const at::Tensor& u_in,
-                                                                                const at::Tensor& k_in,
-                                                                                const at::Tensor& v_in,
-                                                                                const at::Tensor& g_in) {
+// The training forward: y plus what the backward needs, so that it does not recompute the forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bi_wkv_forward_saved_cuda(const at::Tensor& w, const at::Tensor& u,
+                                                                         const at::Tensor& k, const at::Tensor& v) {
+  return forward_impl(w, u, k, v, FwdMode::kSaved);
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// yf_in, lse_in: float32 (B, T, C) from the forward, or undefined to recompute them here.
+Grads backward_impl(const at::Tensor& w_in, const at::Tensor& u_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                    const at::Tensor& g_in, const at::Tensor& yf_in, const at::Tensor& lse_in) {
   check_inputs(w_in, u_in, k_in, v_in);
   TORCH_CHECK(g_in.sizes() == k_in.sizes(), "bi_wkv_backward: grad_y must have k's shape ", k_in.sizes(),
               ", got ", g_in.sizes());
@@ -112,9 +131,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward_cuda(
   if (k.numel() == 0) {
     return {at::zeros_like(w_in), at::zeros_like(u_in), dk, dv};
   }
-  auto fw = forward_impl(w, u, k, v, true);
-  const auto& yf = std::get<0>(fw);
-  const auto& lse = std::get<1>(fw);
+  at::Tensor yf, lse;
+  if (yf_in.defined()) {
+    for (const auto* t : {&yf_in, &lse_in}) {
+      TORCH_CHECK(t->defined() && t->sizes() == k.sizes() && t->scalar_type() == at::kFloat &&
+                      t->device() == k.device(),
+                  "bi_wkv_backward_saved: saved y and lse must be float32 tensors of k's shape on k's device");
+    }
+    yf = yf_in.contiguous();
+    lse = lse_in.contiguous();
+  } else {
+    auto fw = forward_impl(w, u, k, v, FwdMode::kFloat);
+    yf = std::get<0>(fw);
+    lse = std::get<1>(fw);
+  }
   const int64_t nch = num_chunks(T);
   auto scratch = at::empty({2, 2 * 5 * B * nch * C}, k.options().dtype(at::kFloat));
   auto partial = at::empty({2, B * nch, C}, k.options().dtype(at::kFloat));
@@ -138,6 +168,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward_cuda(
   return {dw.to(w_in.scalar_type()), du.to(u_in.scalar_type()), dk, dv};
 }
 
+Grads bi_wkv_backward_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& g) {
+  return backward_impl(w, u, k, v, g, at::Tensor(), at::Tensor());
+}
+
+// y, yf, lse: the outputs of forward_saved (yf empty when k is float32: y is float32 then).
+Grads bi_wkv_backward_saved_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& y, const at::Tensor& yf, const at::Tensor& lse,
+                                 const at::Tensor& g) {
+  return backward_impl(w, u, k, v, g, yf.numel() > 0 ? yf : y, lse);
+}
+
 }  // namespace
 }  // namespace rwkvsam
 
@@ -145,11 +187,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Bi-WKV CUDA kernels (the torch.ops.rwkvsam.bi_wkv op is defined in rwkvsam_core/ops/cuda_ext.py)";
   m.attr("chunk") = rwkvsam::kChunk;
   m.def("forward", &rwkvsam::bi_wkv_cuda, "y = Bi-WKV(w, u, k, v), y in k's dtype");
-  m.def("backward", &rwkvsam::bi_wkv_backward_cuda, "(dw, du, dk, dv) for grad_y");
+  m.def("backward", &rwkvsam::bi_wkv_backward_cuda, "(dw, du, dk, dv) for grad_y (recomputes the forward)");
+  m.def("forward_saved", &rwkvsam::bi_wkv_forward_saved_cuda,
+        "(y in k's dtype, lse2 float32, y float32 or empty when k is float32): the training forward");
+  m.def("backward_saved", &rwkvsam::bi_wkv_backward_saved_cuda,
+        "(dw, du, dk, dv) from forward_saved's (y, yf, lse) and grad_y");
   m.def(
       "forward_with_lse",
       [](const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
-        return rwkvsam::forward_impl(w, u, k, v, true);
+        auto r = rwkvsam::forward_impl(w, u, k, v, rwkvsam::FwdMode::kFloat);
+        return std::make_tuple(std::get<0>(r), std::get<1>(r));
       },
       "(y float32, lse2 float32): forward in float32 with log2 of every denominator");
 }

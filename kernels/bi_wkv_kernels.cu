@@ -26,6 +26,7 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kScanSegments = 32;  // warps per carry block; each warp scans one segment of chunks
+constexpr int kThreads = 128;      // threads per block of the per-(chunk, channel) kernels
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -57,6 +58,18 @@ __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// (2^(a - m), 2^(b - m)) with m = max(a, b), from one ex2: the larger side is exactly 2^0 = 1 (the
+// same numbers as two ex2 calls, as ex2.approx(0) is 1; the MUFU unit that runs ex2 is the
+// forward's busiest). Needs a or b finite.
+__device__ __forceinline__ float exp2_pair(float a, float b, float& ea, float& eb) {
+  const float d = a - b;
+  const float e = ex2(-fabsf(d));
+  const bool a_big = d > 0.f;
+  ea = a_big ? 1.f : e;
+  eb = a_big ? e : 1.f;
+  return a_big ? a : b;
+}
+
 // One scan state: value (s1, s2) * 2^p, derivatives (r1, r2) w.r.t. w (natural units).
 struct State {
   float p, s1, s2, r1, r2;
@@ -68,10 +81,9 @@ __device__ __forceinline__ State empty_state() { return State{-INFINITY, 0.f, 0.
 template <bool GRAD>
 __device__ __forceinline__ State combine(const State& x, const State& y, float len_y, float w2) {
   const float px = x.p - len_y * w2;
-  const float q = fmaxf(px, y.p);
-  if (q == -INFINITY) return y;  // both empty
-  const float ex = ex2(px - q);
-  const float ey = ex2(y.p - q);
+  if (fmaxf(px, y.p) == -INFINITY) return y;  // both empty
+  float ex, ey;
+  const float q = exp2_pair(px, y.p, ex, ey);
   State r;
   r.p = q;
   r.s1 = ex * x.s1 + ey * y.s1;
@@ -132,19 +144,19 @@ __global__ void summary_kernel(const scalar_t* __restrict__ kin, const scalar_t*
   const int n = min(T - s0, kChunk);
   const float w2 = w[c] * kLog2e;
   float key[kChunk], a1[kChunk], a2[kChunk];
+  // Loads are unconditional (rows past the chunk's end re-read its last row and are ignored below):
+  // a guarded load becomes a branch per token and the loads then wait for each other.
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
-    if (j < n) {
-      const int64_t off = (static_cast<int64_t>(b) * T + s0 + j) * C + c;
-      if (GRAD) {
-        key[j] = -lse[off];
-        a1[j] = to_f(ain[off]);
-        a2[j] = a1[j] * yf[off];
-      } else {
-        key[j] = to_f(kin[off]) * kLog2e;
-        a1[j] = to_f(ain[off]);
-        a2[j] = 1.f;
-      }
+    const int64_t off = (static_cast<int64_t>(b) * T + s0 + min(j, n - 1)) * C + c;
+    if (GRAD) {
+      key[j] = -lse[off];
+      a1[j] = to_f(ain[off]);
+      a2[j] = a1[j] * yf[off];
+    } else {
+      key[j] = to_f(kin[off]) * kLog2e;
+      a1[j] = to_f(ain[off]);
+      a2[j] = 1.f;
     }
   }
   const int64_t plane = total;
@@ -203,17 +215,18 @@ __global__ void __launch_bounds__(32 * kScanSegments)
   State agg = empty_state();
   float agg_len = 0.f;
   if (cvalid) {
-    // loads are issued kPrefetch at a time so that their latencies overlap
+    // loads are issued kPrefetch at a time so that their latencies overlap; they are unconditional
+    // (past the segment's end they re-read its last chunk, ignored below), as a guarded load is a
+    // branch that makes the loads wait for each other
     for (int r = r0; r < r1; r += kPrefetch) {
       State ys[kPrefetch];
       float lns[kPrefetch];
 #pragma unroll
       for (int i = 0; i < kPrefetch; ++i) {
-        if (r + i < r1) {
-          const int chk = d == 0 ? r + i : nch - 1 - (r + i);
-          lns[i] = static_cast<float>(min(T - chk * kChunk, kChunk));
-          ys[i] = load_state<GRAD>(summ, plane, d, (static_cast<int64_t>(b) * nch + chk) * C + c);
-        }
+        const int rr = min(r + i, r1 - 1);
+        const int chk = d == 0 ? rr : nch - 1 - rr;
+        lns[i] = static_cast<float>(min(T - chk * kChunk, kChunk));
+        ys[i] = load_state<GRAD>(summ, plane, d, (static_cast<int64_t>(b) * nch + chk) * C + c);
       }
 #pragma unroll
       for (int i = 0; i < kPrefetch; ++i) {
@@ -277,13 +290,12 @@ __global__ void __launch_bounds__(32 * kScanSegments)
     float lns[kPrefetch];
     int64_t idxs[kPrefetch];
 #pragma unroll
-    for (int i = 0; i < kPrefetch; ++i) {
-      if (r + i < r1) {
-        const int chk = d == 0 ? r + i : nch - 1 - (r + i);
-        lns[i] = static_cast<float>(min(T - chk * kChunk, kChunk));
-        idxs[i] = (static_cast<int64_t>(b) * nch + chk) * C + c;
-        ys[i] = load_state<GRAD>(summ, plane, d, idxs[i]);
-      }
+    for (int i = 0; i < kPrefetch; ++i) {  // unconditional loads, as above
+      const int rr = min(r + i, r1 - 1);
+      const int chk = d == 0 ? rr : nch - 1 - rr;
+      lns[i] = static_cast<float>(min(T - chk * kChunk, kChunk));
+      idxs[i] = (static_cast<int64_t>(b) * nch + chk) * C + c;
+      ys[i] = load_state<GRAD>(summ, plane, d, idxs[i]);
     }
 #pragma unroll
     for (int i = 0; i < kPrefetch; ++i) {
@@ -298,11 +310,12 @@ __global__ void __launch_bounds__(32 * kScanSegments)
 // ---------------------------------------------------------------------------------------------
 // Pass 3 (forward): one thread per (b, chunk, c). Anti-causal sweep right-to-left keeps B_j in
 // registers, causal sweep left-to-right combines A_j, B_j and the token's own term.
+// WRITE_LSE: also writes lse2 and, when yf is not null, y in float32 (the backward's inputs).
 template <typename scalar_t, typename out_t, bool WRITE_LSE>
-__global__ void fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
+__global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
                                const float* __restrict__ w, const float* __restrict__ u,
                                const float* __restrict__ carry, out_t* __restrict__ y, float* __restrict__ lse,
-                               int B, int T, int C, int nch) {
+                               float* __restrict__ yf, int B, int T, int C, int nch) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= nch * C) return;
   const int b = blockIdx.y;
@@ -318,11 +331,10 @@ __global__ void fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t*
   const int64_t base = (static_cast<int64_t>(b) * T + s0) * C + c;
   float k2[kChunk], vv[kChunk];
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    if (j < n) {
-      k2[j] = to_f(kin[base + static_cast<int64_t>(j) * C]) * kLog2e;
-      vv[j] = to_f(vin[base + static_cast<int64_t>(j) * C]);
-    }
+  for (int j = 0; j < kChunk; ++j) {  // unconditional loads, see summary_kernel
+    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
+    k2[j] = to_f(kin[off]) * kLog2e;
+    vv[j] = to_f(vin[off]);
   }
   const int64_t plane = total;
   const State cc = load_state<false>(carry, plane, 0, idx);
@@ -337,10 +349,8 @@ __global__ void fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t*
         bp[j] = p;
         bn[j] = sn;
         bd[j] = sd;
-        const float ww = p - w2;
-        const float q = fmaxf(ww, k2[j]);
-        const float e1 = ex2(ww - q);
-        const float e2 = ex2(k2[j] - q);
+        float e1, e2;
+        const float q = exp2_pair(p - w2, k2[j], e1, e2);
         sn = e1 * sn + e2 * vv[j];
         sd = e1 * sd + e2;
         p = q;
@@ -353,18 +363,24 @@ __global__ void fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t*
     if (j < n) {
       const float uk = u2 + k2[j];
       const float q = fmaxf(fmaxf(p, bp[j]), uk);
-      const float e1 = ex2(p - q);
-      const float e2 = ex2(bp[j] - q);
-      const float e3 = ex2(uk - q);
+      // one of the three exponents is q (its term is 1): two ex2 for the other two
+      const bool p_max = q == p, b_max = q == bp[j];
+      const float o1 = ex2((p_max ? uk : p) - q);
+      const float o2 = ex2((b_max ? uk : bp[j]) - q);
+      const float e1 = p_max ? 1.f : o1;
+      const float e2 = b_max ? 1.f : o2;
+      const float e3 = p_max ? o1 : (b_max ? o2 : 1.f);
       const float num = e1 * sn + e2 * bn[j] + e3 * vv[j];
       const float den = e1 * sd + e2 * bd[j] + e3;
       const int64_t off = base + static_cast<int64_t>(j) * C;
-      y[off] = from_f<out_t>(__fdividef(num, den));
-      if (WRITE_LSE) lse[off] = q + lg2(den);
-      const float ww = p - w2;
-      const float q2 = fmaxf(ww, k2[j]);
-      const float f1 = ex2(ww - q2);
-      const float f2 = ex2(k2[j] - q2);
+      const float yj = __fdividef(num, den);
+      y[off] = from_f<out_t>(yj);
+      if (WRITE_LSE) {
+        lse[off] = q + lg2(den);
+        if (yf != nullptr) yf[off] = yj;
+      }
+      float f1, f2;
+      const float q2 = exp2_pair(p - w2, k2[j], f1, f2);
       sn = f1 * sn + f2 * vv[j];
       sd = f1 * sd + f2;
       p = q2;
@@ -401,15 +417,13 @@ __global__ void bwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t*
   const int64_t base = (static_cast<int64_t>(b) * T + s0) * C + c;
   float k2[kChunk], vv[kChunk], gg[kChunk], gy[kChunk], kap[kChunk];
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    if (j < n) {
-      const int64_t off = base + static_cast<int64_t>(j) * C;
-      k2[j] = to_f(kin[off]) * kLog2e;
-      vv[j] = to_f(vin[off]);
-      gg[j] = to_f(gin[off]);
-      gy[j] = gg[j] * yf[off];
-      kap[j] = -lse[off];
-    }
+  for (int j = 0; j < kChunk; ++j) {  // unconditional loads, see summary_kernel
+    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
+    k2[j] = to_f(kin[off]) * kLog2e;
+    vv[j] = to_f(vin[off]);
+    gg[j] = to_f(gin[off]);
+    gy[j] = gg[j] * yf[off];
+    kap[j] = -lse[off];
   }
   const int64_t plane = total;
   float dva[kChunk], dka[kChunk];
@@ -423,10 +437,8 @@ __global__ void bwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t*
         dva[j] = a * s.s1;
         dka[j] = a * (vv[j] * s.s1 - s.s2);
         dw_acc += a * (vv[j] * s.r1 - s.r2);
-        const float ss = s.p - w2;
-        const float q = fmaxf(ss, kap[j]);
-        const float e1 = ex2(ss - q);
-        const float e2 = ex2(kap[j] - q);
+        float e1, e2;
+        const float q = exp2_pair(s.p - w2, kap[j], e1, e2);
         s.r1 = e1 * (s.r1 - s.s1);
         s.r2 = e1 * (s.r2 - s.s2);
         s.s1 = e1 * s.s1 + e2 * gg[j];
@@ -451,10 +463,8 @@ __global__ void bwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t*
       const int64_t off = base + static_cast<int64_t>(j) * C;
       dv[off] = from_f<scalar_t>(dvj);
       dk[off] = from_f<scalar_t>(dkj);
-      const float ss = s.p - w2;
-      const float q = fmaxf(ss, kap[j]);
-      const float e1 = ex2(ss - q);
-      const float e2 = ex2(kap[j] - q);
+      float e1, e2;
+      const float q = exp2_pair(s.p - w2, kap[j], e1, e2);
       s.r1 = e1 * (s.r1 - s.s1);
       s.r2 = e1 * (s.r2 - s.s2);
       s.s1 = e1 * s.s1 + e2 * gg[j];
@@ -499,8 +509,6 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-constexpr int kThreads = 128;
-
 // one thread per (chunk, channel) of a batch element along x, batch along y
 inline dim3 grid_for(int nch, int C, int B) {
   return dim3(static_cast<unsigned>((static_cast<int64_t>(nch) * C + kThreads - 1) / kThreads), B);
@@ -518,17 +526,21 @@ void launch_carry(const float* summ, float* carry, const float* w, int B, int T,
 
 template <typename scalar_t>
 void launch_forward(const scalar_t* k, const scalar_t* v, const float* w, const float* u, void* y, float* lse,
-                    float* summ, float* carry, int B, int T, int C, bool fp32_out_with_lse, cudaStream_t stream) {
+                    float* yf, float* summ, float* carry, int B, int T, int C, bool fp32_out_with_lse,
+                    cudaStream_t stream) {
   const int nch = (T + kChunk - 1) / kChunk;
   summary_kernel<scalar_t, false>
       <<<grid_for(nch, C, B), kThreads, 0, stream>>>(k, v, nullptr, nullptr, w, summ, B, T, C, nch);
   launch_carry<false>(summ, carry, w, B, T, C, nch, stream);
   if (fp32_out_with_lse) {
     fwd_out_kernel<scalar_t, float, true><<<grid_for(nch, C, B), kThreads, 0, stream>>>(
-        k, v, w, u, carry, static_cast<float*>(y), lse, B, T, C, nch);
+        k, v, w, u, carry, static_cast<float*>(y), lse, nullptr, B, T, C, nch);
+  } else if (lse != nullptr) {
+    fwd_out_kernel<scalar_t, scalar_t, true><<<grid_for(nch, C, B), kThreads, 0, stream>>>(
+        k, v, w, u, carry, static_cast<scalar_t*>(y), lse, yf, B, T, C, nch);
   } else {
     fwd_out_kernel<scalar_t, scalar_t, false><<<grid_for(nch, C, B), kThreads, 0, stream>>>(
-        k, v, w, u, carry, static_cast<scalar_t*>(y), nullptr, B, T, C, nch);
+        k, v, w, u, carry, static_cast<scalar_t*>(y), nullptr, nullptr, B, T, C, nch);
   }
 }
 
@@ -548,7 +560,7 @@ void launch_backward(const scalar_t* k, const scalar_t* v, const scalar_t* g, co
 
 #define RWKVSAM_INSTANTIATE(T)                                                                           \
   template void launch_forward<T>(const T*, const T*, const float*, const float*, void*, float*, float*,  \
-                                  float*, int, int, int, bool, cudaStream_t);                             \
+                                  float*, float*, int, int, int, bool, cudaStream_t);                     \
   template void launch_backward<T>(const T*, const T*, const T*, const float*, const float*, const float*, \
                                    const float*, float*, float*, T*, T*, float*, float*, float*, float*, int, \
                                    int, int, cudaStream_t);

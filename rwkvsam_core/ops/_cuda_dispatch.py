@@ -47,7 +47,20 @@ def _try_cuda() -> tuple[Callable | None, str]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         logger.debug("Bi-WKV CUDA extension build failed", exc_info=True)
         return None, f"CUDA extension build failed: {first}"
-    return _wrap(torch.ops.rwkvsam.bi_wkv), f"cuda: {info}"
+    infer = _wrap(torch.ops.rwkvsam.bi_wkv)
+    train = torch.ops.rwkvsam.bi_wkv_fwd_saved
+
+    def impl(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # with a gradient to come, the training forward keeps what the backward needs (no recomputation)
+        if (
+            k.dtype != torch.float64
+            and torch.is_grad_enabled()
+            and (w.requires_grad or u.requires_grad or k.requires_grad or v.requires_grad)
+        ):
+            return train(w, u, k, v)[0]
+        return infer(w, u, k, v)
+
+    return impl, f"cuda: {info}"
 
 
 def _try_triton() -> tuple[Callable | None, str]:

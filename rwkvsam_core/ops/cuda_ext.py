@@ -13,8 +13,17 @@ CUDA implementations from the extension, fake implementations and the autograd f
 
     rwkvsam::bi_wkv(Tensor w, Tensor u, Tensor k, Tensor v) -> Tensor
     rwkvsam::bi_wkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor grad_y) -> (Tensor, Tensor, Tensor, Tensor)
+    rwkvsam::bi_wkv_fwd_saved(Tensor w, Tensor u, Tensor k, Tensor v) -> (Tensor y, Tensor yf, Tensor lse)
+    rwkvsam::bi_wkv_bwd_saved(Tensor w, Tensor u, Tensor k, Tensor v, Tensor y, Tensor yf, Tensor lse,
+                              Tensor grad_y) -> (Tensor, Tensor, Tensor, Tensor)
 
-so they work under torch.compile, CUDA graphs and ``torch.library.opcheck``. Nothing happens at
+``bi_wkv`` is the inference forward; its autograd formula calls ``bi_wkv_backward``, which computes the
+forward again. ``bi_wkv_fwd_saved`` is the training forward: besides ``y`` (k's dtype) it returns
+``lse`` (log2 of every denominator, float32) and ``yf`` (``y`` in float32; empty when k is float32,
+where ``y`` itself is float32), which its autograd formula hands to ``bi_wkv_bwd_saved``, so the
+backward skips the forward's three kernels at the cost of keeping 4-8 bytes per element.
+``rwkvsam_core.ops.bi_wkv`` takes the training forward when a gradient is needed. The ops
+work under torch.compile, CUDA graphs and ``torch.library.opcheck``. Nothing happens at
 import time.
 """
 
@@ -206,10 +215,66 @@ def _define_ops(mod: ModuleType) -> None:
         check_args(w, u, k, v, grad_y)
         return tuple(mod.backward(w, u, k, v, grad_y))
 
+    lib.define("bi_wkv_fwd_saved(Tensor w, Tensor u, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)")
+    lib.define(
+        "bi_wkv_bwd_saved(Tensor w, Tensor u, Tensor k, Tensor v, Tensor y, Tensor yf, Tensor lse, Tensor grad_y)"
+        " -> (Tensor, Tensor, Tensor, Tensor)"
+    )
+
+    def fwd_saved(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        check_args(w, u, k, v)
+        y, lse, yf = mod.forward_saved(w, u, k, v)
+        return y, yf, lse
+
+    def bwd_saved(w, u, k, v, y, yf, lse, grad_y):
+        check_args(w, u, k, v, grad_y)
+        return tuple(mod.backward_saved(w, u, k, v, y, yf, lse, grad_y))
+
     lib.impl("bi_wkv", forward, "CUDA")
     lib.impl("bi_wkv_backward", backward, "CUDA")
+    lib.impl("bi_wkv_fwd_saved", fwd_saved, "CUDA")
+    lib.impl("bi_wkv_bwd_saved", bwd_saved, "CUDA")
     _lib = lib
     register_fake_and_autograd("rwkvsam::bi_wkv", "rwkvsam::bi_wkv_backward")
+    _register_saved_fake_and_autograd()
+
+
+def _register_saved_fake_and_autograd() -> None:
+    """Fake implementations of the training forward / backward pair and the forward's autograd."""
+
+    @torch.library.register_fake("rwkvsam::bi_wkv_fwd_saved")
+    def _fake_fwd(w, u, k, v):
+        torch._check(k.dim() == 3, lambda: f"bi_wkv: k must be (B, T, C), got {tuple(k.shape)}")
+        yf = (
+            k.new_empty((0,), dtype=torch.float32)
+            if k.dtype == torch.float32
+            else k.new_empty(k.shape, dtype=torch.float32)
+        )
+        return k.new_empty(k.shape), yf, k.new_empty(k.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("rwkvsam::bi_wkv_bwd_saved")
+    def _fake_bwd(w, u, k, v, y, yf, lse, grad_y):
+        return w.new_empty(w.shape), u.new_empty(u.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output) -> None:
+        y, yf, lse = output
+        ctx.mark_non_differentiable(yf, lse)
+        ctx.save_for_backward(*inputs, y, yf, lse)
+
+    def backward(ctx, grad_y, _grad_yf, _grad_lse):
+        w, u, k, v, y, yf, lse = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        dw, du, dk, dv = torch.ops.rwkvsam.bi_wkv_bwd_saved(w, u, k, v, y, yf, lse, grad_y)
+        need = ctx.needs_input_grad
+        return (
+            dw if need[0] else None,
+            du if need[1] else None,
+            dk if need[2] else None,
+            dv if need[3] else None,
+        )
+
+    torch.library.register_autograd("rwkvsam::bi_wkv_fwd_saved", backward, setup_context=setup_context)
 
 
 def register_fake_and_autograd(op_name: str, backward_name: str) -> None:

@@ -123,6 +123,31 @@ def _check(backend, inputs, y_ref, grads_ref, dtype, label=""):
     }
     bad = {n: e for n, (e, t) in errs.items() if not e <= t}
     assert not bad, f"{backend} {label}: relative errors over tolerance: {bad} (all: {errs})"
+    if backend == "cuda":
+        _check_saved_pair(inputs, y, grads_ref, dtype, label)
+
+
+def _check_saved_pair(inputs, y, grads_ref, dtype, label=""):
+    """The training pair (a forward that also returns lse2 and float32 y, a backward that uses them
+    instead of recomputing the forward): same y as the inference forward, gradients within the same
+    tolerances of the float64 ones."""
+    w, u, k, v, gy = inputs
+    _poison(k, k, k, k)
+    ys, yf, lse = torch.ops.rwkvsam.bi_wkv_fwd_saved(w, u, k, v)
+    assert ys.dtype == k.dtype and lse.dtype == torch.float32 and lse.shape == k.shape
+    assert yf.shape == ((0,) if k.dtype == torch.float32 else k.shape)
+    assert torch.equal(ys, y), f"saved forward {label}: y differs from the inference forward"
+    _poison(k, k, k, w)
+    dw, du, dk, dv = torch.ops.rwkvsam.bi_wkv_bwd_saved(w, u, k, v, ys, yf, lse, gy)
+    _, tkv, twu = TOL[dtype]
+    errs = {
+        "dk": (_rel(dk, grads_ref[2]), tkv),
+        "dv": (_rel(dv, grads_ref[3]), tkv),
+        "dw": (_rel(dw, grads_ref[0]), twu),
+        "du": (_rel(du, grads_ref[1]), twu),
+    }
+    bad = {n: e for n, (e, t) in errs.items() if not e <= t}
+    assert not bad, f"saved pair {label}: relative errors over tolerance: {bad} (all: {errs})"
 
 
 _GRID = [
@@ -213,6 +238,64 @@ def test_opcheck(backend, dtype):
     w, u, k, v, _ = _inputs(2, 37, 24, dtype, 5)
     args = tuple(x.clone().requires_grad_() for x in (w, u, k, v))
     torch.library.opcheck(fwd, args)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_saved_pair(dtype):
+    _ops("cuda")
+    w, u, k, v, gy = _inputs(2, 37, 24, dtype, 6)
+    args = tuple(x.clone().requires_grad_() for x in (w, u, k, v))
+    torch.library.opcheck(torch.ops.rwkvsam.bi_wkv_fwd_saved, args)
+    ys, yf, lse = torch.ops.rwkvsam.bi_wkv_fwd_saved(w, u, k, v)
+    torch.library.opcheck(torch.ops.rwkvsam.bi_wkv_bwd_saved, (w, u, k, v, ys, yf, lse, gy))
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_bi_wkv_trains_through_saved_pair(dtype):
+    """rwkvsam_core.ops.bi_wkv with inputs that need gradients: the training forward (its autograd
+    node is the saved pair's) and gradients equal to the float64 ones."""
+    from rwkvsam_core.ops import bi_wkv
+
+    _ops("cuda")
+    w, u, k, v, gy = _inputs(2, 300, 48, dtype, 29)
+    xs = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    y = bi_wkv(*xs)
+    assert "bi_wkv_fwd_saved" in type(y.grad_fn).__name__ or "bi_wkv_fwd_saved" in str(y.grad_fn.name())
+    y.backward(gy)
+    y_ref, grads_ref = _expected(w, u, k, v, gy)
+    ty, tkv, twu = TOL[dtype]
+    assert _rel(y, y_ref) <= ty
+    for got, exp, tol in zip(xs, grads_ref, (twu, twu, tkv, tkv), strict=True):
+        assert _rel(got.grad, exp) <= tol
+    with torch.no_grad():  # no gradient: the inference forward, same values
+        assert torch.equal(bi_wkv(w, u, k, v), y.detach())
+
+
+@gpu
+@needs_gpu
+def test_torch_compile_fullgraph_training_pair():
+    from rwkvsam_core.ops import bi_wkv
+
+    _ops("cuda")
+
+    def f(w, u, k, v):
+        return (bi_wkv(w, u, k, v) * 2).sum(-1)
+
+    w, u, k, v, _ = _inputs(2, 200, 64, torch.bfloat16, 31)
+    xs = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    xs_e = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    out = torch.compile(f, fullgraph=True)(*xs)
+    out_e = f(*xs_e)
+    torch.testing.assert_close(out, out_e)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_e.backward(g)
+    for a, b in zip(xs, xs_e, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 @gpu
