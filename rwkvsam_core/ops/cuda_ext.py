@@ -239,6 +239,11 @@ def _define_ops(mod: ModuleType) -> None:
     _register_saved_fake_and_autograd()
 
 
+def _needed_grads(ctx, grads: tuple) -> tuple:
+    """(dw, du, dk, dv) with None where the input needs no gradient."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
+
+
 def _register_saved_fake_and_autograd() -> None:
     """Fake implementations of the training forward / backward pair and the forward's autograd."""
 
@@ -265,14 +270,7 @@ def _register_saved_fake_and_autograd() -> None:
         w, u, k, v, y, yf, lse = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(y)
-        dw, du, dk, dv = torch.ops.rwkvsam.bi_wkv_bwd_saved(w, u, k, v, y, yf, lse, grad_y)
-        need = ctx.needs_input_grad
-        return (
-            dw if need[0] else None,
-            du if need[1] else None,
-            dk if need[2] else None,
-            dv if need[3] else None,
-        )
+        return _needed_grads(ctx, torch.ops.rwkvsam.bi_wkv_bwd_saved(w, u, k, v, y, yf, lse, grad_y))
 
     torch.library.register_autograd("rwkvsam::bi_wkv_fwd_saved", backward, setup_context=setup_context)
 
@@ -307,14 +305,7 @@ def register_fake_and_autograd(op_name: str, backward_name: str) -> None:
 
     def backward(ctx, grad_y: torch.Tensor):
         w, u, k, v = ctx.saved_tensors
-        dw, du, dk, dv = bwd_op(w, u, k, v, grad_y)
-        need = ctx.needs_input_grad
-        return (
-            dw if need[0] else None,
-            du if need[1] else None,
-            dk if need[2] else None,
-            dv if need[3] else None,
-        )
+        return _needed_grads(ctx, bwd_op(w, u, k, v, grad_y))
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
     _registered.add(op_name)
