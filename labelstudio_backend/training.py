@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shlex
@@ -160,6 +161,20 @@ def _add_boxes(folder: Path, boxes: list[np.ndarray | None]) -> None:
         raise OSError(f"{meta_path} is missing or unreadable")
     meta["boxes"] = [None if b is None else [round(float(v), 2) for v in b] for b in boxes]
     atomic_write_json(meta_path, meta)
+
+
+def _checkpoint_progress(path: Path) -> tuple[int, bool] | None:
+    """(steps, finished) from a fine-tuning checkpoint's metadata; None when it does not say."""
+    try:
+        from safetensors import safe_open
+
+        from rwkvsam_core.checkpoint import CONFIG_KEY
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get(CONFIG_KEY, "{}"))
+        return int(meta["steps"]), bool(meta["finished"])
+    except Exception:  # not our checkpoint format, or written without progress
+        return None
 
 
 class Trainer:
@@ -414,6 +429,7 @@ class Trainer:
             "--out", str(run_dir / "out"),
             "--steps", str(self.settings.train_steps),
             "--quiet",
+            *self._time_limit_args(),
             *shlex.split(self.settings.train_args),
         ]  # fmt: skip
         logger.info("fine-tuning generation %d (%s): %s", generation, reason, shlex.join(cmd))
@@ -478,8 +494,34 @@ class Trainer:
             )
             self._update_state(lambda s: s.setdefault("runs", []).append(record))
             return False
+        progress = _checkpoint_progress(final)
+        if progress is not None:
+            record["steps"], record["finished"] = progress
+            if not record["finished"]:
+                logger.warning(
+                    "fine-tuning reached its time limit after %d of %d steps (TRAIN_TIMEOUT=%ss): serving "
+                    "the weights trained so far; fewer TRAIN_STEPS or TRAIN_ARGS='--max-instances 4 "
+                    "--correction-rounds 0' make a run fit",
+                    record["steps"],
+                    self.settings.train_steps,
+                    self.settings.train_timeout,
+                )
         self.swap_in(Path(produced[-1]), generation, record)
         return True
+
+    def _time_limit_args(self) -> list[str]:
+        """``--time-limit`` for the training child: TRAIN_TIMEOUT less a grace period to save and exit.
+
+        A run that would overrun (a CPU, many masks per image) then stops itself with its weights saved
+        and served, instead of being killed at TRAIN_TIMEOUT with hours of training lost. TRAIN_ARGS
+        that set ``--time-limit`` themselves win.
+        """
+        user = shlex.split(self.settings.train_args)
+        if any(a == "--time-limit" or a.startswith("--time-limit=") for a in user):
+            return []
+        timeout = float(self.settings.train_timeout)
+        grace = min(600.0, max(30.0, 0.05 * timeout))
+        return ["--time-limit", str(max(1, int(timeout - grace)))]
 
     def swap_in(self, checkpoint: Path, generation: int, record: dict[str, Any] | None = None) -> str:
         """Make ``checkpoint`` the served model under a new version; returns the version."""

@@ -28,8 +28,10 @@ from labelstudio_backend.training import Trainer
 REPO = Path(__file__).resolve().parents[2]
 
 FAKE_FINETUNE = '''
-"""Stand-in for rwkvsam_core.finetune: record the pid, sleep FAKE_SLEEP s, copy --checkpoint to out/."""
-import argparse, os, shutil, sys, time
+"""Stand-in for rwkvsam_core.finetune: record the pid (and the arguments, to FAKE_ARGV if set), sleep
+FAKE_SLEEP s, copy --checkpoint to out/ (or, with FAKE_META, write a small safetensors file whose
+rwkvsam_config metadata is FAKE_META)."""
+import argparse, json, os, shutil, sys, time
 from pathlib import Path
 
 ap = argparse.ArgumentParser()
@@ -39,8 +41,16 @@ args, _ = ap.parse_known_args()
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 Path(os.environ["FAKE_PIDFILE"]).write_text(str(os.getpid()))
+if os.environ.get("FAKE_ARGV"):
+    Path(os.environ["FAKE_ARGV"]).write_text(json.dumps(sys.argv[1:]))
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
-shutil.copyfile(args.checkpoint, out / ".partial")
+if os.environ.get("FAKE_META"):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(out / ".partial"), metadata={"rwkvsam_config": os.environ["FAKE_META"]})
+else:
+    shutil.copyfile(args.checkpoint, out / ".partial")
 os.replace(out / ".partial", out / "model.safetensors")
 '''
 
@@ -327,3 +337,61 @@ def test_failed_run_with_replaced_settings_keeps_state_clean(settings, tmp_path,
     assert "active" not in state and state["runs"][-1]["rc"] != 0
     assert "No such file" in state["runs"][-1]["error"]
     assert not (settings.model_dir / "state.json").exists()
+
+
+def _run_fake(settings, tmp_path, monkeypatch, **env):
+    """One run of the stand-in child with extra environment; returns (trainer, its state)."""
+    _prepare(settings)
+    for key, value in {**_fake_env(tmp_path, sleep=0), **env}.items():
+        monkeypatch.setenv(key, value)
+    trainer = Trainer(settings)
+    trainer.FINETUNE_MODULE = "fake_finetune"
+    assert trainer.start_training("test")
+    assert _wait(lambda: not trainer.running, 60)
+    return trainer, trainer.state()
+
+
+def _time_limits(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--time-limit"]
+
+
+def test_run_stops_itself_before_train_timeout(settings, tmp_path, monkeypatch):
+    """The child gets --time-limit = TRAIN_TIMEOUT less a grace period (5 %, 30 s to 10 min), so a
+    run that would overrun saves its weights instead of being killed; TRAIN_ARGS' own limit wins."""
+    argv_file = tmp_path / "argv.json"
+    settings = replace(settings, train_timeout=6 * 3600)
+    _, state = _run_fake(settings, tmp_path, monkeypatch, FAKE_ARGV=str(argv_file))
+    assert state["runs"][-1]["rc"] == 0
+    assert _time_limits(json.loads(argv_file.read_text())) == [str(6 * 3600 - 600)]
+
+    settings = replace(settings, train_timeout=300)
+    _run_fake(settings, tmp_path, monkeypatch, FAKE_ARGV=str(argv_file))
+    assert _time_limits(json.loads(argv_file.read_text())) == ["270"]
+
+    settings = replace(settings, train_args="--time-limit 50 --lr 1e-4")
+    _run_fake(settings, tmp_path, monkeypatch, FAKE_ARGV=str(argv_file))
+    assert _time_limits(json.loads(argv_file.read_text())) == ["50"]
+
+
+def test_run_stopped_by_its_time_limit_is_served_and_recorded(settings, tmp_path, monkeypatch, caplog):
+    """Weights of a run that stopped at its time limit are served (a new version) and the run's record
+    says how far it got; a run that finished says so too."""
+    caplog.set_level("WARNING", logger="labelstudio_backend.training")
+    meta = json.dumps({"steps": 3, "finished": False})
+    trainer, state = _run_fake(settings, tmp_path, monkeypatch, FAKE_META=meta)
+    run = state["runs"][-1]
+    assert run["rc"] == 0 and run["steps"] == 3 and run["finished"] is False
+    assert run["version"].startswith(f"{settings.model_name}-ft1-")
+    assert any("time limit after 3 of" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    _, state = _run_fake(
+        settings, tmp_path, monkeypatch, FAKE_META=json.dumps({"steps": 200, "finished": True})
+    )
+    run = state["runs"][-1]
+    assert (
+        run["steps"] == 200
+        and run["finished"] is True
+        and run["version"].startswith(f"{settings.model_name}-ft2-")
+    )
+    assert not any("time limit" in r.getMessage() for r in caplog.records)
