@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shlex
@@ -165,14 +164,11 @@ def _add_boxes(folder: Path, boxes: list[np.ndarray | None]) -> None:
 
 def _checkpoint_progress(path: Path) -> tuple[int, bool] | None:
     """(steps, finished) from a fine-tuning checkpoint's metadata; None when it does not say."""
+    from rwkvsam_core.checkpoint import read_config
+
     try:
-        from safetensors import safe_open
-
-        from rwkvsam_core.checkpoint import CONFIG_KEY
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get(CONFIG_KEY, "{}"))
-        return int(meta["steps"]), bool(meta["finished"])
+        config = read_config(path) or {}
+        return int(config["steps"]), bool(config["finished"])
     except Exception:  # not our checkpoint format, or written without progress
         return None
 

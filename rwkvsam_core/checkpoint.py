@@ -79,6 +79,22 @@ def save_checkpoint(
     return path
 
 
+def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config embedded in one of our safetensors checkpoints, without loading its tensors.
+
+    Returns None for a file of another format or layout (no ``rwkvsam_config``).
+
+    Raises:
+        CheckpointError: the file cannot be read as safetensors.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint in any supported layout and convert it to our key names.
 

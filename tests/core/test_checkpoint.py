@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rwkvsam_core import CheckpointError, Predictor, build_model, load_checkpoint, save_checkpoint
-from rwkvsam_core.checkpoint import LAYOUT_AUTHORS, LAYOUT_AUTHORS_STAGE1
+from rwkvsam_core.checkpoint import LAYOUT_AUTHORS, LAYOUT_AUTHORS_STAGE1, read_config
 
 S = 128
 
@@ -45,6 +45,17 @@ def test_our_format_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match="rwkvsam_t model, not rwkvsam_s"):
         build_model("rwkvsam_s", checkpoint=path, device="cpu")
     assert not list(tmp_path.glob(".tmp-*")), "temporary files must not remain"
+    assert read_config(path) == ckpt.config  # the config alone, without the tensors
+
+
+def test_read_config_of_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    assert read_config(tmp_path / "plain.safetensors") is None  # not our format: no config
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_config(tmp_path / "junk.safetensors")
 
 
 def _to_authors_layout(model) -> dict:
