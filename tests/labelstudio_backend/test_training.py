@@ -326,14 +326,7 @@ def test_train_child_ends_with_its_parent(tmp_path):
 
 def test_failed_run_with_replaced_settings_keeps_state_clean(settings, tmp_path, monkeypatch):
     """A run whose child fails leaves no 'active' record and a run entry with the error."""
-    _prepare(settings)
-    for key, value in _fake_env(tmp_path, sleep=0).items():
-        monkeypatch.setenv(key, value)
-    trainer = Trainer(replace(settings, train_args="--checkpoint /no/such/file"))
-    trainer.FINETUNE_MODULE = "fake_finetune"
-    assert trainer.start_training("test")
-    assert _wait(lambda: not trainer.running, 60)
-    state = trainer.state()
+    _, state = _run_fake(replace(settings, train_args="--checkpoint /no/such/file"), tmp_path, monkeypatch)
     assert "active" not in state and state["runs"][-1]["rc"] != 0
     assert "No such file" in state["runs"][-1]["error"]
     assert not (settings.model_dir / "state.json").exists()
