@@ -108,24 +108,37 @@ def _inputs(B: int, T: int, C: int, dtype: torch.dtype, n_sets: int):
     return sets
 
 
-def _saved_pair_bwd(w, u, k, v, gy):
-    """Forward+backward through the training pair: the caller's forward call is the inference one, so
-    this runs the training forward itself and then its backward (the timed forward+backward)."""
+def _saved_pair(w, u, k, v, gy):
+    """Forward+backward through the training pair (what autograd runs through ``ops.bi_wkv``)."""
     y, yf, lse = torch.ops.rwkvsam.bi_wkv_fwd_saved(w, u, k, v)
     return torch.ops.rwkvsam.bi_wkv_bwd_saved(w, u, k, v, y, yf, lse, gy)
 
 
+def _then(fwd: Callable, bwd: Callable) -> Callable:
+    """Forward+backward as a forward op followed by a backward op that recomputes what it needs."""
+
+    def fb(w, u, k, v, gy):
+        fwd(w, u, k, v)
+        return bwd(w, u, k, v, gy)
+
+    return fb
+
+
 def _ops() -> dict[str, tuple[Callable, Callable | None, bool]]:
-    """name -> (forward, backward or None, capturable in a CUDA graph). A backward named
-    ``_saved_pair_bwd`` runs the whole training forward+backward (see ``_time_op``)."""
+    """name -> (forward, forward+backward ``fb(w, u, k, v, grad_y)`` or None for autograd through
+    the forward, capturable in a CUDA graph)."""
     ops: dict[str, tuple[Callable, Callable | None, bool]] = {}
     from rwkvsam_core.ops import cuda_ext
 
     try:
         _, info = cuda_ext.load_extension()
         print(f"cuda extension: {info}")
-        ops["cuda"] = (torch.ops.rwkvsam.bi_wkv, _saved_pair_bwd, True)
-        ops["cuda-recompute"] = (torch.ops.rwkvsam.bi_wkv, torch.ops.rwkvsam.bi_wkv_backward, True)
+        ops["cuda"] = (torch.ops.rwkvsam.bi_wkv, _saved_pair, True)
+        ops["cuda-recompute"] = (
+            torch.ops.rwkvsam.bi_wkv,
+            _then(torch.ops.rwkvsam.bi_wkv, torch.ops.rwkvsam.bi_wkv_backward),
+            True,
+        )
     except Exception as exc:  # report and carry on with the others
         print(f"cuda extension unavailable: {exc}")
     from rwkvsam_core.ops import triton_bi_wkv
@@ -133,7 +146,8 @@ def _ops() -> dict[str, tuple[Callable, Callable | None, bool]]:
     ok, why = triton_bi_wkv.available()
     if ok:
         triton_bi_wkv.register_op()
-        ops["triton"] = (torch.ops.rwkvsam.bi_wkv_triton, torch.ops.rwkvsam.bi_wkv_triton_backward, True)
+        fwd = torch.ops.rwkvsam.bi_wkv_triton
+        ops["triton"] = (fwd, _then(fwd, torch.ops.rwkvsam.bi_wkv_triton_backward), True)
     else:
         print(f"triton unavailable: {why}")
     from rwkvsam_core.ops.portable import bi_wkv_portable
@@ -142,28 +156,22 @@ def _ops() -> dict[str, tuple[Callable, Callable | None, bool]]:
     return ops
 
 
-def _time_op(fwd: Callable, bwd: Callable | None, capturable: bool, sets: list, reps: int) -> dict:
+def _time_op(fwd: Callable, fb: Callable | None, capturable: bool, sets: list, reps: int) -> dict:
     """Median times in us: eager forward and forward+backward on the first input set, and the same
     under CUDA-graph replay over all sets (per set)."""
     out = {}
     w, u, k, v, gy = sets[0]
     out["fwd_eager_us"] = _median_ms(lambda: fwd(w, u, k, v), reps) * 1e3
-    if bwd is None:  # autograd through the implementation
+    if fb is None:  # autograd through the implementation
         ws, us, ks, vs = (x.clone().requires_grad_() for x in (w, u, k, v))
 
         def fb_eager():
             fwd(ws, us, ks, vs).backward(gy)
 
-    elif bwd is _saved_pair_bwd:  # the training forward is inside it
-
-        def fb_eager():
-            bwd(w, u, k, v, gy)
-
     else:
 
         def fb_eager():
-            fwd(w, u, k, v)
-            bwd(w, u, k, v, gy)
+            fb(w, u, k, v, gy)
 
     out["fwdbwd_eager_us"] = _median_ms(fb_eager, reps) * 1e3
     out["sm_clock_MHz"] = sm_clock_mhz()
@@ -175,9 +183,7 @@ def _time_op(fwd: Callable, bwd: Callable | None, capturable: bool, sets: list, 
 
         def fb_body():
             for w_, u_, k_, v_, g_ in sets:
-                if bwd is not _saved_pair_bwd:
-                    fwd(w_, u_, k_, v_)
-                bwd(w_, u_, k_, v_, g_)
+                fb(w_, u_, k_, v_, g_)
 
         out["fwd_graph_us"] = _graph_ms(f_body, reps) * 1e3 / len(sets)
         out["fwdbwd_graph_us"] = _graph_ms(fb_body, reps) * 1e3 / len(sets)
@@ -192,7 +198,7 @@ def bench(reps: int, shapes=SHAPES, dtypes=DTYPES, backends: tuple[str, ...] | N
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     ops = _ops()
     rows = []
-    for name, (fwd, bwd, capturable) in ops.items():
+    for name, (fwd, fb, capturable) in ops.items():
         if backends and name not in backends:
             continue
         for dname, dtype in dtypes.items():
@@ -202,7 +208,7 @@ def bench(reps: int, shapes=SHAPES, dtypes=DTYPES, backends: tuple[str, ...] | N
                 n_sets = max(1, min(16, math.ceil(L2_FLUSH_BYTES / (3 * tensor_bytes))))
                 sets = _inputs(B, T, C, dtype, n_sets if capturable else 1)
                 row = {"backend": name, "dtype": dname, "B": B, "T": T, "C": C}
-                row.update(_time_op(fwd, bwd, capturable, sets, reps))
+                row.update(_time_op(fwd, fb, capturable, sets, reps))
                 best_f = row.get("fwd_graph_us", row["fwd_eager_us"])
                 best_fb = row.get("fwdbwd_graph_us", row["fwdbwd_eager_us"])
                 row["fwd_floor_us"] = 3 * tensor_bytes / (copy_gbs * 1e9) * 1e6
