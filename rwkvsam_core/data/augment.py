@@ -50,8 +50,10 @@ class TrainTransform:
 
     The image is first resized so its longest side is ``image_size`` (the model's frame), then scaled
     by a random factor in ``scale_range`` (paper: 0.1-2.0), randomly cropped to at most
-    ``image_size`` square, flipped with probability ``flip_prob``, colour-jittered, and masks with fewer
-    than ``min_mask_pixels`` pixels left are dropped (paper: 32). At most ``max_instances`` masks are
+    ``image_size`` square, flipped with probability ``flip_prob``, turned by a random multiple of 90
+    degrees when ``rot90`` (for images without an "up", such as microscopy: off by default, and no random
+    draw is made when off), colour-jittered, and masks with fewer than ``min_mask_pixels`` pixels left
+    are dropped (paper: 32). At most ``max_instances`` masks are
     kept (a random subset; paper: 20). Output image ``(h, w, 3)`` uint8 with ``h, w <= image_size``;
     the model pads it bottom/right.
     """
@@ -59,6 +61,7 @@ class TrainTransform:
     image_size: int
     scale_range: tuple[float, float] = (0.1, 2.0)
     flip_prob: float = 0.5
+    rot90: bool = False
     color_jitter: float = 0.2
     min_mask_pixels: int = 32
     max_instances: int = 20
@@ -80,6 +83,11 @@ class TrainTransform:
             if rng.random() < self.flip_prob:
                 image = np.ascontiguousarray(image[:, ::-1])
                 masks = np.ascontiguousarray(masks[:, :, ::-1])
+            if self.rot90:
+                k = int(rng.integers(0, 4))
+                if k:
+                    image = np.ascontiguousarray(np.rot90(image, k, axes=(0, 1)))
+                    masks = np.ascontiguousarray(np.rot90(masks, k, axes=(1, 2)))
             if self.color_jitter > 0:
                 image = self._jitter(image, rng)
         else:

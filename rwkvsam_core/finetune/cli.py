@@ -73,6 +73,24 @@ def add_finetune_args(p: argparse.ArgumentParser, defaults: FinetuneConfig | Non
         help="random resize range, e.g. 0.1:2.0",
     )
     p.add_argument(
+        "--rot90",
+        action="store_true",
+        default=d.rot90,
+        help="also turn training images by random multiples of 90 degrees (images without an 'up': microscopy)",
+    )
+    p.add_argument(
+        "--prompt-mix",
+        default=":".join(f"{v:g}" for v in d.prompt.mode_probs),
+        metavar="BOX:POINTS:BOTH",
+        help="relative frequency of box, points and box+points prompts, e.g. 1:0:0 for boxes only",
+    )
+    p.add_argument(
+        "--box-noise",
+        type=float,
+        default=d.prompt.box_noise,
+        help="box prompt jitter: standard deviation as a fraction of the box side",
+    )
+    p.add_argument(
         "--loss-points",
         type=int,
         default=d.loss_points if d.loss_points is not None else 0,
@@ -112,7 +130,30 @@ def config_from_args(args: argparse.Namespace, base: FinetuneConfig | None = Non
     cfg.time_limit_s = getattr(args, "time_limit", None)
     cfg.decoder_checkpointing = getattr(args, "decoder_checkpointing", cfg.decoder_checkpointing)
     cfg.ratios = tuple(int(r) for r in args.ratios.split(":")) if args.ratios else None
+    cfg.rot90 = bool(getattr(args, "rot90", cfg.rot90))
+    mix = getattr(args, "prompt_mix", None)
+    if mix is not None:
+        cfg.prompt.mode_probs = _parse_prompt_mix(mix)
+    box_noise = getattr(args, "box_noise", None)
+    if box_noise is not None:
+        if not box_noise >= 0:
+            raise ValueError(f"--box-noise must be >= 0, got {box_noise}")
+        cfg.prompt.box_noise = float(box_noise)
     return cfg
+
+
+def _parse_prompt_mix(text: str) -> tuple[float, float, float]:
+    """``"BOX:POINTS:BOTH"`` -> three non-negative weights, not all zero."""
+    parts = str(text).split(":")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0 or sum(values) <= 0 or not all(v < float("inf") for v in values):
+        raise ValueError(
+            f"--prompt-mix wants three non-negative weights BOX:POINTS:BOTH, not all zero (e.g. 1:0:0), got {text!r}"
+        )
+    return values  # type: ignore[return-value]
 
 
 def open_datasets(paths: list[str], images: list[str] | None, opener: Any = None) -> list[Any]:

@@ -60,6 +60,8 @@ class FinetuneConfig:
     ``decoder_checkpointing``: recompute the per-prompt decoder activations (two-way transformer,
     upscaling, refine) in the backward pass, 16 prompts at a time ("on", "off", or "auto": on when training on the CPU, where a batch of
     4 images with 20 instances each would otherwise keep ~20 GB of them).
+    ``rot90``: also turn training images by random quarter turns (see ``TrainTransform``).
+    ``prompt``: how prompts are drawn (:class:`PromptConfig`: the box / points / box+points mix, box jitter).
     ``time_limit_s``: wall-clock budget of this call; when it runs out the run saves its state and
     returns early (resume later with the same config to finish it).
     """
@@ -84,6 +86,7 @@ class FinetuneConfig:
     augment: bool = True
     scale_range: tuple[float, float] = (0.1, 2.0)
     flip_prob: float = 0.5
+    rot90: bool = False
     color_jitter: float = 0.2
     min_mask_pixels: int = 32
     ratios: tuple[int, ...] | None = None
@@ -661,6 +664,7 @@ def run_finetune(
         image_size=int(model.image_size),
         scale_range=config.scale_range,
         flip_prob=config.flip_prob,
+        rot90=config.rot90,
         color_jitter=config.color_jitter,
         min_mask_pixels=config.min_mask_pixels,
         max_instances=config.max_instances,

@@ -90,12 +90,14 @@ def test_stored_box_reaches_the_dataset_item_and_the_prompt(dataset):
     assert not np.array_equal(smp["prompts"][0]["box"], drawn["prompts"][0]["box"])
 
 
-def test_stored_box_follows_the_augmentation(dataset):
-    """Random resize, crop and flip: same output as the engine's transform, the box still holds its mask."""
+@pytest.mark.parametrize("rot90", [False, True])
+def test_stored_box_follows_the_augmentation(dataset, rot90):
+    """Random resize, crop, flip (and quarter turns): same output as the engine's transform, the box
+    still holds its mask."""
     from rwkvsam_core.data import TrainTransform
 
     item = StoredBoxDataset(dataset)[0]
-    transform = TrainTransform(image_size=128, scale_range=(0.5, 2.0), min_mask_pixels=8)
+    transform = TrainTransform(image_size=128, scale_range=(0.5, 2.0), min_mask_pixels=8, rot90=rot90)
     seen = 0
     for seed in range(12):
         out = StoredBoxTransform(transform)(item, np.random.default_rng(seed))

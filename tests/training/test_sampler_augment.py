@@ -94,3 +94,29 @@ def test_coco_decode_without_pycocotools(monkeypatch: pytest.MonkeyPatch) -> Non
         assert np.array_equal(coco_segmentation_to_mask(coco_rle_encode(m, compress), 7, 9), m)
     poly = coco_segmentation_to_mask([[2, 1, 7, 1, 7, 4, 2, 4]], 7, 9)
     assert np.array_equal(poly, m)
+
+
+def test_rot90_turns_image_and_masks_together_and_draws_nothing_when_off() -> None:
+    img = np.zeros((40, 64, 3), np.uint8)
+    img[5:15, 40:60] = (200, 10, 10)  # a red block in the top-right corner
+    masks = np.zeros((1, 40, 64), bool)
+    masks[0, 5:15, 40:60] = True
+    sample = {"image": img, "masks": masks, "labels": ["a"], "name": "x"}
+    common = dict(image_size=64, scale_range=(1.0, 1.0), flip_prob=0.0, color_jitter=0.0, min_mask_pixels=1)
+    off = TrainTransform(**common)
+    on = TrainTransform(**common, rot90=True)
+    shapes = set()
+    for seed in range(16):
+        out = on(sample, np.random.default_rng(seed))
+        shapes.add(out["image"].shape[:2])
+        red = (out["image"][..., 0] > 100) & (out["image"][..., 1] < 50)
+        np.testing.assert_array_equal(out["masks"][0], red)  # the mask still covers exactly the block
+        assert out["masks"][0].sum() == 200
+    assert shapes == {(40, 64), (64, 40)}  # quarter turns happened, and no turn
+    # off: the same random stream as before the option existed (nothing drawn for it)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    off(sample, rng_a)
+    TrainTransform(**common, rot90=False)(sample, rng_b)
+    assert rng_a.random() == rng_b.random()
+    plain = off(sample, np.random.default_rng(0))
+    np.testing.assert_array_equal(plain["image"], img)
