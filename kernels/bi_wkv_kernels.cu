@@ -25,7 +25,6 @@ namespace rwkvsam {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kScanSegments = 32;  // warps per carry block; each warp scans one segment of chunks
 constexpr int kThreads = 128;      // threads per block of the per-(chunk, channel) kernels
 
 __device__ __forceinline__ float ex2(float x) {
@@ -190,22 +189,29 @@ __global__ void summary_kernel(const scalar_t* __restrict__ kin, const scalar_t*
 
 // ---------------------------------------------------------------------------------------------
 // Pass 2: exclusive scan of the chunk states along the sequence, per (b, c, direction).
-// Block = 32 channels (lanes) x kScanSegments warps; warp s owns a contiguous segment of chunks.
-// (a) each thread folds its segment; (b) warp c scans channel c's segment totals with shuffles;
-// (c) each thread re-walks its segment from its prefix and writes every chunk's carry-in.
-template <bool GRAD>
-__global__ void __launch_bounds__(32 * kScanSegments)
+// Block = 1024 threads = CH channels x NSEG = 1024 / CH segments; thread t owns channel t % CH and
+// the contiguous segment of chunks t / CH. (a) each thread folds its segment; (b) warp w scans the
+// segment totals of channel w % CH, half w / CH (32 segments, with shuffles), the second half
+// starting from the first half's total; (c) each thread re-walks its segment from its prefix and
+// writes every chunk's carry-in. CH = 16 doubles the blocks (and halves each thread's segment)
+// where 32-channel blocks would leave most SMs idle (batch 1).
+template <bool GRAD, int CH>
+__global__ void __launch_bounds__(1024)
     carry_kernel(const float* __restrict__ summ, float* __restrict__ carry, const float* __restrict__ w, int B,
                  int T, int C, int nch) {
-  __shared__ float sh[6][kScanSegments][33];
-  const int lane = threadIdx.x;
-  const int seg = threadIdx.y;
+  constexpr int NSEG = 1024 / CH;
+  static_assert(NSEG == 32 || NSEG == 64, "CH must be 32 or 16");
+  __shared__ float sh[6][NSEG][CH + 1];
+  __shared__ float tot[5][CH];  // inclusive total of the first 32 segments, per channel (NSEG == 64)
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  const int lc = tid % CH;
+  const int seg = tid / CH;
   const int b = blockIdx.y;
   const int d = blockIdx.z;
-  const int c = blockIdx.x * 32 + lane;
+  const int c = blockIdx.x * CH + lc;
   const bool cvalid = c < C;
   const int64_t plane = static_cast<int64_t>(B) * nch * C;
-  const int per = (nch + kScanSegments - 1) / kScanSegments;
+  const int per = (nch + NSEG - 1) / NSEG;
   const int r0 = min(seg * per, nch);
   const int r1 = min(r0 + per, nch);
   const float w2 = cvalid ? w[c] * kLog2e : 0.f;
@@ -237,19 +243,21 @@ __global__ void __launch_bounds__(32 * kScanSegments)
       }
     }
   }
-  sh[0][seg][lane] = agg.p;
-  sh[1][seg][lane] = agg.s1;
-  sh[2][seg][lane] = agg.s2;
-  sh[3][seg][lane] = agg.r1;
-  sh[4][seg][lane] = agg.r2;
-  sh[5][seg][lane] = agg_len;
+  sh[0][seg][lc] = agg.p;
+  sh[1][seg][lc] = agg.s1;
+  sh[2][seg][lc] = agg.s2;
+  sh[3][seg][lc] = agg.r1;
+  sh[4][seg][lc] = agg.r2;
+  sh[5][seg][lc] = agg_len;
   __syncthreads();
 
   {
-    // transposed: this warp (seg) scans channel `seg` of the block over segments `lane`
-    const int ch_l = seg;
-    const int sg = lane;
-    const int cc = blockIdx.x * 32 + ch_l;
+    // transposed: warp threadIdx.y scans channel ch_l of the block over the 32 segments of its half
+    const int lane = threadIdx.x;
+    const int ch_l = threadIdx.y % CH;
+    const int half = threadIdx.y / CH;
+    const int sg = half * 32 + lane;
+    const int cc = blockIdx.x * CH + ch_l;
     const float w2c = cc < C ? w[cc] * kLog2e : 0.f;
     State x{sh[0][sg][ch_l], sh[1][sg][ch_l], sh[2][sg][ch_l], sh[3][sg][ch_l], sh[4][sg][ch_l]};
     float xl = sh[5][sg][ch_l];
@@ -262,7 +270,7 @@ __global__ void __launch_bounds__(32 * kScanSegments)
       o.r1 = __shfl_up_sync(0xffffffffu, x.r1, off);
       o.r2 = __shfl_up_sync(0xffffffffu, x.r2, off);
       const float ol = __shfl_up_sync(0xffffffffu, xl, off);
-      if (sg >= off) {
+      if (lane >= off) {
         x = combine<GRAD>(o, x, xl, w2c);
         xl += ol;
       }
@@ -273,8 +281,23 @@ __global__ void __launch_bounds__(32 * kScanSegments)
     e.s2 = __shfl_up_sync(0xffffffffu, x.s2, 1);
     e.r1 = __shfl_up_sync(0xffffffffu, x.r1, 1);
     e.r2 = __shfl_up_sync(0xffffffffu, x.r2, 1);
-    if (sg == 0) e = empty_state();
-    __syncthreads();  // everyone has read sh before it is overwritten with prefixes
+    float el = __shfl_up_sync(0xffffffffu, xl, 1);  // tokens of the half's segments before this one
+    if (lane == 0) {
+      e = empty_state();
+      el = 0.f;
+    }
+    if (NSEG == 64 && half == 0 && lane == 31) {
+      tot[0][ch_l] = x.p;
+      tot[1][ch_l] = x.s1;
+      tot[2][ch_l] = x.s2;
+      tot[3][ch_l] = x.r1;
+      tot[4][ch_l] = x.r2;
+    }
+    __syncthreads();  // everyone has read sh (and the first half's totals are written)
+    if (NSEG == 64 && half == 1) {
+      const State t0{tot[0][ch_l], tot[1][ch_l], tot[2][ch_l], tot[3][ch_l], tot[4][ch_l]};
+      e = combine<GRAD>(t0, e, el, w2c);
+    }
     sh[0][sg][ch_l] = e.p;
     sh[1][sg][ch_l] = e.s1;
     sh[2][sg][ch_l] = e.s2;
@@ -284,7 +307,7 @@ __global__ void __launch_bounds__(32 * kScanSegments)
   __syncthreads();
 
   if (!cvalid) return;
-  State run{sh[0][seg][lane], sh[1][seg][lane], sh[2][seg][lane], sh[3][seg][lane], sh[4][seg][lane]};
+  State run{sh[0][seg][lc], sh[1][seg][lc], sh[2][seg][lc], sh[3][seg][lc], sh[4][seg][lc]};
   for (int r = r0; r < r1; r += kPrefetch) {
     State ys[kPrefetch];
     float lns[kPrefetch];
@@ -517,9 +540,13 @@ inline dim3 grid_for(int nch, int C, int B) {
 template <bool GRAD>
 void launch_carry(const float* summ, float* carry, const float* w, int B, int T, int C, int nch,
                   cudaStream_t stream) {
-  dim3 grid((C + 31) / 32, B, 2);
-  dim3 block(32, kScanSegments);
-  carry_kernel<GRAD><<<grid, block, 0, stream>>>(summ, carry, w, B, T, C, nch);
+  const dim3 block(32, 32);
+  const int64_t blocks32 = static_cast<int64_t>((C + 31) / 32) * B * 2;
+  if (blocks32 < 128) {  // few 32-channel blocks (batch 1): twice as many 16-channel blocks
+    carry_kernel<GRAD, 16><<<dim3((C + 15) / 16, B, 2), block, 0, stream>>>(summ, carry, w, B, T, C, nch);
+  } else {
+    carry_kernel<GRAD, 32><<<dim3((C + 31) / 32, B, 2), block, 0, stream>>>(summ, carry, w, B, T, C, nch);
+  }
 }
 
 }  // namespace
