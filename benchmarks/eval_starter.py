@@ -89,7 +89,12 @@ def load_set(
 
 
 def model_predictor(
-    model_name: str, checkpoint: str | None, device: str | None, max_boxes: int = 64, multimask: bool = False
+    model_name: str,
+    checkpoint: str | None,
+    device: str | None,
+    max_boxes: int = 64,
+    multimask: bool = False,
+    zoom: float | None = None,
 ) -> Any:
     """Two functions ``predict(image, boxes (N,4)) -> (N,H,W) bool``: the raw masks, and the same
     masks clipped to their boxes (what the napari widget and the Label Studio backend show by default;
@@ -97,7 +102,9 @@ def model_predictor(
 
     ``multimask=False`` (SAM's convention for a box, and what the starter weights are trained for:
     box prompts supervise the single-mask output) keeps the single mask; ``True`` keeps the
-    best-scoring of the three multimask candidates, which are trained on single clicks only."""
+    best-scoring of the three multimask candidates, which are trained on single clicks only.
+    ``zoom``: decode each small box in a zoomed window (``rwkvsam_core.zoom``, this target in input
+    pixels; single mask)."""
     import torch
 
     from rwkvsam_core import Predictor, build_model
@@ -105,6 +112,7 @@ def model_predictor(
     model = build_model(model_name, checkpoint=checkpoint, device=device)
     model.eval()
     predictor = Predictor(model)
+    crop_predictor = Predictor(model)
 
     memo: dict[tuple[int, bytes], np.ndarray] = {}
 
@@ -122,6 +130,12 @@ def model_predictor(
         return clip_masks_to_boxes(masks[:, None], boxes)[:, 0] if len(masks) else masks
 
     def _predict(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if zoom is not None:
+            from rwkvsam_core.zoom import predict_boxes_zoomed
+
+            return predict_boxes_zoomed(predictor, image, boxes, target=zoom, crop_predictor=crop_predictor)[
+                0
+            ]
         predictor.set_image(image)
         out = []
         for s in range(0, len(boxes), max_boxes):
@@ -203,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the best of the multimask candidates, not the single mask",
     )
+    ap.add_argument(
+        "--zoom",
+        type=float,
+        default=None,
+        metavar="PIXELS",
+        help="box prompts: decode each small box in a window zoomed so it spans PIXELS input pixels "
+        "(rwkvsam_core.zoom; 384 is the tools' default)",
+    )
     ap.add_argument("--images", default=None, help="comma list of image names to keep (smoke runs)")
     ap.add_argument(
         "--prompt", default="box", choices=["box", "click"], help="box (default) or one first click"
@@ -234,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.multimask:
             model_label += " multimask best"
+        if args.zoom is not None:
+            if args.multimask or args.prompt != "box":
+                ap.error("--zoom decodes the single mask of box prompts (no --multimask, --prompt box)")
+            model_label += f" zoom {args.zoom:g}"
         t0 = time.perf_counter()
         if args.prompt == "click":
             model_label += " one click" + (" single mask" if args.single else " best of 3")
@@ -242,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             records += evaluate_method(items, click, model_label)
         else:
-            raw, clipped = model_predictor(args.model, args.checkpoint, args.device, multimask=args.multimask)
+            raw, clipped = model_predictor(
+                args.model, args.checkpoint, args.device, multimask=args.multimask, zoom=args.zoom
+            )
             records += evaluate_method(items, raw, model_label)
             records += evaluate_method(items, clipped, model_label + " clipped to box")
         logger.info("model done in %.1fs", time.perf_counter() - t0)

@@ -176,3 +176,17 @@ def test_info():
     res = run("info")
     assert res.returncode == 0, res.stderr
     assert "bi_wkv on cpu" in res.stdout and "rwkvsam_s" in res.stdout and "sam_vit_h" in res.stdout
+
+
+def test_segment_zoom_writes_a_mask_and_rejects_points(photo, tmp_path):
+    out = tmp_path / "z.png"
+    argv = ["segment", str(photo), "--box", "10", "10", "30", "25", "--box", "5", "5", "120", "90"]
+    assert main([*argv, "--zoom", "--image-size", "128", "--out", str(out)]) == 0
+    labels = np.asarray(Image.open(out))
+    assert labels.shape == np.asarray(Image.open(photo)).shape[:2] and labels.max() <= 2
+    res = run(
+        "segment", photo, "--box", "10", "10", "30", "25", "--point", "15", "15", "--zoom", "--out", out
+    )
+    assert res.returncode == 2 and "--zoom works on boxes alone" in res.stderr
+    res = run("segment", photo, "--box", "10", "10", "30", "25", "--zoom", "--zoom-target", "0", "--out", out)
+    assert res.returncode == 2 and "--zoom-target" in res.stderr
