@@ -251,12 +251,16 @@ class ModelManager:
                 logger.info("interactive box %s is degenerate: empty result", box.tolist())
                 return None, 0.0, version
             clicks = clicks_inside_box(prompt.clicks, box)
-            coords, labels = _click_arrays(clicks)
-            masks, scores, _ = predictor.predict(
-                point_coords=coords, point_labels=labels, box=box, multimask_output=False
-            )
-            self.stats["decodes"] += 1
-            mask, score = masks[0], clamp_score(scores[0])
+            if not clicks and self.settings.zoom_target > 0:
+                masks, scores = self._zoomed(predictor, image, box[None])
+                mask, score = masks[0], clamp_score(scores[0])
+            else:
+                coords, labels = _click_arrays(clicks)
+                masks, scores, _ = predictor.predict(
+                    point_coords=coords, point_labels=labels, box=box, multimask_output=False
+                )
+                self.stats["decodes"] += 1
+                mask, score = masks[0], clamp_score(scores[0])
             if self.settings.clip_to_box:
                 mask = clip_to_boxes(mask[None, None], box[None])[0, 0]
             return mask, score, version
@@ -395,20 +399,38 @@ class ModelManager:
             logger.info("%d degenerate box(es) skipped", len(boxes) - len(good))
         out_m: list[np.ndarray] = []
         out_s: list[float] = []
-        for start in range(0, len(good), chunk):
-            part = good[start : start + chunk]
-            arr = np.stack([b.box for b in part])
-            masks, scores, _ = predictor.predict(box=arr, multimask_output=False)
-            self.stats["decodes"] += 1
-            masks = np.asarray(masks).reshape(len(part), -1, *image.shape[:2])
-            scores = np.asarray(scores).reshape(len(part), -1)
+        if good and self.settings.zoom_target > 0:  # small boxes each in their own zoomed window
+            arr = np.stack([b.box for b in good])
+            masks, scores = self._zoomed(predictor, image, arr)
             if self.settings.clip_to_box:
-                masks = clip_to_boxes(masks[:, :1], arr)
-            for m, s in zip(masks, scores, strict=True):
-                out_m.append(m[0])
-                out_s.append(clamp_score(s[0]))
+                masks = clip_to_boxes(masks[:, None], arr)[:, 0]
+            out_m, out_s = list(masks), [clamp_score(s) for s in scores]
+        else:
+            for start in range(0, len(good), chunk):
+                part = good[start : start + chunk]
+                arr = np.stack([b.box for b in part])
+                masks, scores, _ = predictor.predict(box=arr, multimask_output=False)
+                self.stats["decodes"] += 1
+                masks = np.asarray(masks).reshape(len(part), -1, *image.shape[:2])
+                scores = np.asarray(scores).reshape(len(part), -1)
+                if self.settings.clip_to_box:
+                    masks = clip_to_boxes(masks[:, :1], arr)
+                for m, s in zip(masks, scores, strict=True):
+                    out_m.append(m[0])
+                    out_s.append(clamp_score(s[0]))
         self.stats["batch_boxes"] += len(good)
         return out_m, [b.label for b in good], out_s, version
+
+    def _zoomed(self, predictor: Any, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Single masks of ``boxes`` decoded in zoomed windows (``ZOOM_TARGET``; boxes that need no
+        zoom use ``predictor``, which holds ``image``). Windows are encoded without the cache."""
+        from rwkvsam_core.zoom import predict_boxes_zoomed
+
+        masks, scores = predict_boxes_zoomed(
+            predictor, image, boxes, target=self.settings.zoom_target, image_is_set=True
+        )
+        self.stats["decodes"] += len(boxes)
+        return masks, scores
 
 
 def _click_arrays(clicks: list[Click]) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -24,6 +24,21 @@ def _env_int(name: str, default: int | None) -> int | None:
         raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
 
 
+def _env_zoom(name: str) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(
+            f"environment variable {name} must be 0 (off) or a positive number of pixels, got {raw!r}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the backend reads from its environment.
@@ -47,6 +62,9 @@ class Settings:
                                     come from; anything else except LABEL_STUDIO_URL is refused
     MAX_IMAGE_PIXELS / _BYTES       larger images are refused (default 100 MP / 200 MB)
     CLIP_TO_BOX                     clip box-prompted masks to their box (default 1)
+    ZOOM_TARGET                     decode a box alone (no clicks) in a window zoomed so the box
+                                    spans this many input pixels (``rwkvsam_core.zoom``; 384 is
+                                    the measured choice for nuclei); 0 or unset: off (default)
     TRAIN_EVERY                     fine-tune after this many new annotations (0: only on
                                     START_TRAINING; default 10)
     TRAIN_STEPS                     fine-tuning steps per run (default 200)
@@ -75,6 +93,7 @@ class Settings:
     max_image_pixels: int = 100_000_000
     max_image_bytes: int = 200 * 1024 * 1024
     clip_to_box: bool = True
+    zoom_target: float = 0.0
     train_every: int = 10
     train_steps: int = 200
     train_args: str = ""
@@ -111,6 +130,7 @@ class Settings:
             max_image_pixels=_env_int("MAX_IMAGE_PIXELS", 100_000_000) or 100_000_000,
             max_image_bytes=_env_int("MAX_IMAGE_BYTES", 200 * 1024 * 1024) or 200 * 1024 * 1024,
             clip_to_box=_env_bool("CLIP_TO_BOX", True),
+            zoom_target=_env_zoom("ZOOM_TARGET"),
             train_every=_env_int("TRAIN_EVERY", 10) or 0,
             train_steps=_env_int("TRAIN_STEPS", 200) or 200,
             train_args=os.environ.get("TRAIN_ARGS", ""),
@@ -144,6 +164,7 @@ class Settings:
             "MAX_IMAGE_PIXELS": str(self.max_image_pixels),
             "MAX_IMAGE_BYTES": str(self.max_image_bytes),
             "CLIP_TO_BOX": "1" if self.clip_to_box else "0",
+            "ZOOM_TARGET": f"{self.zoom_target:g}",
             "TRAIN_EVERY": str(self.train_every),
             "TRAIN_STEPS": str(self.train_steps),
             "TRAIN_ARGS": self.train_args,

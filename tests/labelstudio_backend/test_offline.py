@@ -102,6 +102,19 @@ def test_settings_from_env(monkeypatch, tmp_path):
         Settings.from_env(nonsense=1)
 
 
+def test_zoom_target_from_env(monkeypatch):
+    assert Settings.from_env().zoom_target == 0.0  # off unless asked
+    monkeypatch.setenv("ZOOM_TARGET", "384")
+    s = Settings.from_env()
+    assert s.zoom_target == 384.0 and s.to_env()["ZOOM_TARGET"] == "384"
+    monkeypatch.setenv("ZOOM_TARGET", s.to_env()["ZOOM_TARGET"])  # what gunicorn workers read back
+    assert Settings.from_env().zoom_target == 384.0
+    for bad in ("big", "-1", "inf", "nan"):
+        monkeypatch.setenv("ZOOM_TARGET", bad)
+        with pytest.raises(ValueError, match="ZOOM_TARGET"):
+            Settings.from_env()
+
+
 def test_cli_arguments(monkeypatch, capsys):
     from labelstudio_backend.cli import build_parser, main, settings_from_args
 

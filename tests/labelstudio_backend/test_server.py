@@ -212,6 +212,49 @@ def test_huge_image_refused(client, app, settings, doc_root):
     assert res["result"] == []
 
 
+def test_zoom_target_decodes_boxes_in_zoomed_windows(settings, doc_root):
+    """ZOOM_TARGET: batch and interactive boxes give the masks of rwkvsam_core.zoom, clipped to the box."""
+    from dataclasses import replace
+
+    from labelstudio_backend.model import clip_to_boxes
+    from labelstudio_backend.server import create_app
+    from rwkvsam_core import Predictor
+    from rwkvsam_core.zoom import predict_boxes_zoomed, zoom_window
+
+    zs = replace(settings, zoom_target=200.0)
+    app = create_app(zs)
+    try:
+        client = app.test_client()
+        boxes = [rect(5, 5, 30, 40, "cat"), rect(50, 20, 40, 60, "dog")]
+        task = {"id": 9, "data": {"image": local("a.png")}, "annotations": [{"id": 1, "result": boxes}]}
+        (res,) = _predict(client, [task])
+        image = manager_image(client, task)
+        px = np.array(
+            [
+                [
+                    b["value"]["x"] * IMAGE_W / 100,
+                    b["value"]["y"] * IMAGE_H / 100,
+                    (b["value"]["x"] + b["value"]["width"]) * IMAGE_W / 100,
+                    (b["value"]["y"] + b["value"]["height"]) * IMAGE_H / 100,
+                ]
+                for b in boxes
+            ]
+        )
+        manager = get_manager(zs)
+        model, _ = manager.get_model()
+        assert all(zoom_window(b, (IMAGE_H, IMAGE_W), 200.0, model.image_size) is not None for b in px)
+        expect, _ = predict_boxes_zoomed(Predictor(model), image, px, target=200.0)
+        expect = clip_to_boxes(expect[:, None], px)[:, 0]
+        got = [_mask(r) for r in res["result"]]
+        assert [r["value"]["brushlabels"] for r in res["result"]] == [["cat"], ["dog"]]
+        for g, e in zip(got, expect, strict=True):
+            np.testing.assert_array_equal(g, e)
+        (inter,) = _predict(client, [{"id": 10, "data": {"image": local("a.png")}}], {"result": [boxes[1]]})
+        np.testing.assert_array_equal(_mask(inter["result"][0]), expect[1])
+    finally:
+        app.extensions["rwkvsam_backend"].webhooks.shutdown(wait=True)
+
+
 def test_concurrent_requests_for_the_same_new_image(client, settings):
     manager = get_manager(settings)
     manager.get_model()
