@@ -438,6 +438,40 @@ def clip_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray | None) -> np.ndarr
     return out
 
 
+class FixedMasks:
+    """Masks already at full resolution, one candidate an object: the same interface as
+    :class:`MaskCandidates` (what zoomed decoding returns: each box decoded in its own window)."""
+
+    def __init__(self, masks: np.ndarray) -> None:
+        self._masks = np.asarray(masks, dtype=bool)  # (N, 1, H, W)
+        if self._masks.ndim != 4 or self._masks.shape[1] != 1:
+            raise ValueError(f"expected (N, 1, H, W) masks, got {self._masks.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(int(v) for v in self._masks.shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return int(self._masks.shape[0])
+
+    def missing(self, chosen: Sequence[int]) -> bool:
+        return False
+
+    def get(self, chosen: Sequence[int]) -> np.ndarray:
+        chosen = [int(c) for c in chosen]
+        if len(chosen) != len(self) or any(c != 0 for c in chosen):
+            raise ValueError(f"need candidate 0 for each of {len(self)} objects, got {chosen}")
+        return self._masks[:, 0].copy()
+
+    def all(self) -> np.ndarray:
+        return self._masks.copy()
+
+
+def zoomable(batch: PromptBatch) -> bool:
+    """True when ``batch`` is boxes alone (no clicks): what zoomed decoding handles."""
+    return batch.boxes is not None and batch.point_coords is None and len(batch.boxes) > 0
+
+
 class Segmenter:
     """Decoder-only prediction from features computed elsewhere.
 
@@ -488,3 +522,23 @@ class Segmenter:
         masks = MaskCandidates(low_res, p.input_size, p.original_size, self.model.image_size)
         masks.get(np.argmax(scores, axis=1))
         return masks, scores
+
+    def predict_zoomed(
+        self, features, plane: np.ndarray, contrast_limits, batch: PromptBatch, target: float | None = None
+    ) -> tuple[FixedMasks, np.ndarray]:
+        """Boxes alone, each small one decoded in a window zoomed so it spans ``target`` input pixels
+        (default ``rwkvsam_core.zoom.DEFAULT_ZOOM_TARGET``; one encoder pass per zoomed box, windows
+        never cached); boxes that need
+        no zoom are decoded on ``features`` (the plane's). ``plane`` and ``contrast_limits`` are what
+        the features were computed from. Returns masks ``(N, 1, H, W)`` and scores ``(N, 1)``."""
+        from rwkvsam_core import Predictor, to_rgb_uint8
+        from rwkvsam_core.zoom import DEFAULT_ZOOM_TARGET, predict_boxes_zoomed
+
+        if not zoomable(batch):
+            raise ValueError("zoomed decoding takes boxes alone (no clicks)")
+        p = Predictor(self.model)
+        p.set_features(features)
+        rgb = to_rgb_uint8(np.asarray(plane), contrast_limits)
+        target = DEFAULT_ZOOM_TARGET if target is None else target
+        masks, scores = predict_boxes_zoomed(p, rgb, batch.boxes, target=target, image_is_set=True)
+        return FixedMasks(masks[:, None]), scores[:, None].astype(np.float32)

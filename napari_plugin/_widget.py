@@ -328,6 +328,15 @@ class RWKVSAMWidget(QWidget):
             "(SAM's rule; it scores higher on held-out boxes)"
         )
         self.multimask_check.toggled.connect(self._schedule_preview)
+        self.zoom_check = QCheckBox("zoom on small boxes")
+        self.zoom_check.setChecked(False)
+        self.zoom_check.setToolTip(
+            "boxes alone (no clicks): decode each small box in a window around it, zoomed so the box "
+            "spans about 3/8 of the model's input. Sharper masks of nuclei-sized objects, less "
+            "leaking into touching neighbours; worse on tiny specks. One more encoder pass per box "
+            "(seconds each on a CPU)"
+        )
+        self.zoom_check.toggled.connect(self._schedule_preview)
         self.overwrite_check = QCheckBox("overwrite existing labels")
         self.overwrite_check.setToolTip("when off, a commit only fills unlabelled pixels")
         self.negative_check = QCheckBox(f"next point negative ({KEYS['toggle_negative']}; or Shift-click)")
@@ -335,6 +344,7 @@ class RWKVSAMWidget(QWidget):
             self.auto_embed_check,
             self.clip_check,
             self.multimask_check,
+            self.zoom_check,
             self.overwrite_check,
             self.negative_check,
         ):
@@ -1042,6 +1052,22 @@ class RWKVSAMWidget(QWidget):
             and wants_candidates(labels[0], batch.boxes is not None)
         )
 
+    def _zoom_for(self, batch: PromptBatch) -> bool:
+        """Whether ``batch`` is decoded in zoomed windows: boxes alone, option on."""
+        from ._engine import zoomable
+
+        return self.zoom_check.isChecked() and zoomable(batch)
+
+    def _decode_fn(self, key: _EmbedKey, batch: PromptBatch, multimask: bool):
+        """The decode for ``batch`` as a function of no arguments, to run in the decode thread: one
+        decoder pass on the active features, or, with zoom, one encoder pass per small box on the
+        key's plane (read here, on the GUI thread)."""
+        segmenter, features = self._segmenter, self._active_features
+        if not self._zoom_for(batch):
+            return lambda: segmenter.predict(features, batch, multimask=multimask)
+        plane = np.array(extract_slice(self._image_layer.data, key.slice_index), copy=True)
+        return lambda: segmenter.predict_zoomed(features, plane, key.contrast, batch)
+
     def _current_batch(self, boxes_only: bool = False) -> tuple[_EmbedKey, PromptBatch, tuple]:
         """The active key, the prompts of the current slice grouped into objects, and their signature."""
         key = self._active_key
@@ -1050,7 +1076,7 @@ class RWKVSAMWidget(QWidget):
         batch = PromptBatch(None, None, prompts.boxes) if boxes_only else group_prompts(prompts)
         self._note(prompts.messages + batch.messages)
         multimask = self._multimask_for(batch)
-        signature = (key, multimask) + tuple(
+        signature = (key, multimask, self._zoom_for(batch)) + tuple(
             None if a is None else (a.shape, a.tobytes())
             for a in (batch.point_coords, batch.point_labels, batch.boxes)
         )
@@ -1119,15 +1145,14 @@ class RWKVSAMWidget(QWidget):
         self._decode_seq += 1
         request = self._decode_seq
         self._decode_pending = request
-        segmenter, features = self._segmenter, self._active_features
-        multimask = self._multimask_for(batch)
+        decode = self._decode_fn(key, batch, self._multimask_for(batch))
         deliver = self._decoded.emit
         done = threading.Event()
         answer: list[tuple] = []
 
         def job() -> None:  # runs in the decode thread
             try:
-                out = segmenter.predict(features, batch, multimask=multimask)
+                out = decode()
             except Exception as err:  # handed to the GUI thread, shown there
                 out = err
             answer.append((request, key, batch, signature, out))
@@ -1374,14 +1399,14 @@ class RWKVSAMWidget(QWidget):
         ]
         self._decode_seq += 1
         request = _SegmentAllRequest(self._decode_seq, key, id(self._image_layer), shapes, len(batch.boxes))
-        segmenter, features = self._segmenter, self._active_features
-        multimask, clip = self._multimask_for(batch), self.clip_check.isChecked()
+        decode = self._decode_fn(key, batch, self._multimask_for(batch))
+        clip = self.clip_check.isChecked()
         final_masks = self._final_masks
         deliver = self._segmented.emit
 
         def job() -> None:  # runs in the decode thread
             try:
-                masks, scores = segmenter.predict(features, batch, multimask=multimask)
+                masks, scores = decode()
                 out = final_masks(masks, scores, batch.boxes, None, clip)
             except Exception as err:  # handed to the GUI thread, shown there
                 out = err

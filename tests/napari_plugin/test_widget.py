@@ -239,6 +239,54 @@ def test_segment_all_boxes_is_one_batched_call(dock, qtbot, monkeypatch):
     assert not widget.is_segmenting and widget.buttons["segment_all_boxes"].isEnabled()
 
 
+def test_zoom_on_small_boxes_decodes_each_box_in_its_window(dock, qtbot, monkeypatch):
+    """The option: preview and "segment all boxes" give rwkvsam_core.zoom's masks, off the GUI thread;
+    with clicks in the box the usual single decoder pass runs."""
+    import threading
+
+    from napari_plugin._engine import clip_masks_to_boxes
+
+    viewer, widget = dock()
+    img = coffee()
+    viewer.add_image(img, name="coffee", rgb=True)
+    wait_ready(qtbot, widget)
+    threads = []
+    original = type(widget._segmenter).predict_zoomed
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(widget._segmenter), "predict_zoomed", spy)
+    rows, cols = (
+        (20, 120),
+        (30, 200),
+    )  # at input 256 the zoomed window is 113 px (the box spans 72 px unzoomed)
+    add_box(qtbot, widget, rows, cols)
+    unzoomed = widget.preview_layer.data > 0
+    assert threads == []  # off by default
+    with qtbot.waitSignal(widget.preview_updated, timeout=60_000):
+        widget.zoom_check.setChecked(True)
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    _, batch, _ = widget._current_batch()
+    masks, scores = original(widget._segmenter, widget._active_features, img, None, batch)
+    expect = clip_masks_to_boxes(masks.get([0]), batch.boxes)[0]
+    np.testing.assert_array_equal(widget.preview_layer.data > 0, expect)
+    assert expect.any() and not np.array_equal(expect, unzoomed)  # a different decoding, not the same masks
+    assert not (expect & ~box_region(expect.shape, rows, cols)).any()
+    # a click inside the box: box + click in one ordinary decoder pass, no zoom
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        click(viewer, widget.points_layer, (60, 125))
+    assert len(threads) == 1
+    with qtbot.waitSignal(widget.preview_updated, timeout=10_000):
+        widget.points_layer.data = np.zeros((0, 2))
+    # segment all boxes: the zoomed masks are what is committed
+    with qtbot.waitSignal(widget.committed, timeout=60_000) as blocker:
+        widget.segment_all_boxes()
+    (label_id,) = blocker.args[0]
+    np.testing.assert_array_equal(widget.committed_layer.data == label_id, expect)
+
+
 def test_segment_all_boxes_keeps_the_viewer_responsive(dock, qtbot, monkeypatch):
     import threading
 
