@@ -46,7 +46,8 @@ def zoom_window(
     long_side = max(x1 - x0, y1 - y0) + 1.0
     if long_side * image_size / max(h, w) >= target:
         return None
-    side = max(MIN_WINDOW, math.ceil(long_side * image_size / target))
+    # never smaller than the box itself (a target above image_size would otherwise cut the box)
+    side = max(MIN_WINDOW, math.ceil(long_side * image_size / target), math.ceil(long_side))
     if side >= max(h, w):
         return None
     sw, sh = min(side, w), min(side, h)

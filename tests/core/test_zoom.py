@@ -35,6 +35,12 @@ def test_window_is_shifted_inside_the_image_at_borders_and_never_below_the_minim
     assert (y0, y1) == (0, 24) and x0 <= 500 and x1 > 530
 
 
+def test_window_always_contains_the_box_even_for_a_target_above_the_input_size():
+    box = np.array([100.0, 100.0, 139.0, 119.0])  # 40 px long; target 2048 at 1024 would give 20 px
+    x0, y0, x1, y1 = zoom_window(box, (512, 512), 2048, 1024)
+    assert x0 <= 100 and x1 > 139 and y0 <= 100 and y1 > 119 and x1 - x0 == 40
+
+
 @pytest.mark.parametrize("target", [0, -5, float("nan")])
 def test_bad_target_is_a_clear_error(target):
     with pytest.raises(ValueError, match="zoom target"):
