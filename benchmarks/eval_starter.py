@@ -133,9 +133,10 @@ def model_predictor(
         if zoom is not None:
             from rwkvsam_core.zoom import predict_boxes_zoomed
 
-            return predict_boxes_zoomed(predictor, image, boxes, target=zoom, crop_predictor=crop_predictor)[
-                0
-            ]
+            masks, _ = predict_boxes_zoomed(
+                predictor, image, boxes, target=zoom, crop_predictor=crop_predictor
+            )
+            return masks
         predictor.set_image(image)
         out = []
         for s in range(0, len(boxes), max_boxes):

@@ -253,14 +253,13 @@ class ModelManager:
             clicks = clicks_inside_box(prompt.clicks, box)
             if not clicks and self.settings.zoom_target > 0:
                 masks, scores = self._zoomed(predictor, image, box[None])
-                mask, score = masks[0], clamp_score(scores[0])
             else:
                 coords, labels = _click_arrays(clicks)
                 masks, scores, _ = predictor.predict(
                     point_coords=coords, point_labels=labels, box=box, multimask_output=False
                 )
                 self.stats["decodes"] += 1
-                mask, score = masks[0], clamp_score(scores[0])
+            mask, score = masks[0], clamp_score(scores[0])
             if self.settings.clip_to_box:
                 mask = clip_to_boxes(mask[None, None], box[None])[0, 0]
             return mask, score, version

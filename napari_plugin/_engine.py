@@ -528,17 +528,23 @@ class Segmenter:
     ) -> tuple[FixedMasks, np.ndarray]:
         """Boxes alone, each small one decoded in a window zoomed so it spans ``target`` input pixels
         (default ``rwkvsam_core.zoom.DEFAULT_ZOOM_TARGET``; one encoder pass per zoomed box, windows
-        never cached); boxes that need
-        no zoom are decoded on ``features`` (the plane's). ``plane`` and ``contrast_limits`` are what
-        the features were computed from. Returns masks ``(N, 1, H, W)`` and scores ``(N, 1)``."""
-        from rwkvsam_core import Predictor, to_rgb_uint8
+        never cached); boxes that need no zoom are decoded on ``features`` (the plane's). ``plane`` and
+        ``contrast_limits`` are what the features were computed from. Returns masks ``(N, 1, H, W)``
+        and scores ``(N, 1)``."""
+        from rwkvsam_core import Predictor
         from rwkvsam_core.zoom import DEFAULT_ZOOM_TARGET, predict_boxes_zoomed
 
         if not zoomable(batch):
             raise ValueError("zoomed decoding takes boxes alone (no clicks)")
         p = Predictor(self.model)
         p.set_features(features)
-        rgb = to_rgb_uint8(np.asarray(plane), contrast_limits)
         target = DEFAULT_ZOOM_TARGET if target is None else target
-        masks, scores = predict_boxes_zoomed(p, rgb, batch.boxes, target=target, image_is_set=True)
+        masks, scores = predict_boxes_zoomed(
+            p,
+            np.asarray(plane),
+            batch.boxes,
+            target=target,
+            contrast_limits=contrast_limits,
+            image_is_set=True,
+        )
         return FixedMasks(masks[:, None]), scores[:, None].astype(np.float32)
