@@ -31,6 +31,17 @@ def _mask(result):
     return rle_to_mask(result["value"]["rle"], result["original_height"], result["original_width"])
 
 
+def _box_px(result):
+    """A Label Studio rectangle result (percent of the image) as x0, y0, x1, y1 in pixels."""
+    v = result["value"]
+    return (
+        v["x"] * IMAGE_W / 100,
+        v["y"] * IMAGE_H / 100,
+        (v["x"] + v["width"]) * IMAGE_W / 100,
+        (v["y"] + v["height"]) * IMAGE_H / 100,
+    )
+
+
 def _outside_box(mask, box_px):
     x0, y0, x1, y1 = box_px
     inside = np.zeros_like(mask)
@@ -161,15 +172,8 @@ def test_batch_masks_for_every_box_one_decoder_pass(client, settings, monkeypatc
     assert calls == [(3, 4)]  # all boxes of the image in one decoder pass
     assert [r["value"]["brushlabels"] for r in res["result"]] == [["cat"], ["dog"], ["cat"]]
     for r, b in zip(res["result"], boxes, strict=True):
-        v = b["value"]
-        box = (
-            v["x"] * IMAGE_W / 100,
-            v["y"] * IMAGE_H / 100,
-            (v["x"] + v["width"]) * IMAGE_W / 100,
-            (v["y"] + v["height"]) * IMAGE_H / 100,
-        )
         m = _mask(r)
-        assert m.any() and _outside_box(m, box) == 0
+        assert m.any() and _outside_box(m, _box_px(b)) == 0
 
 
 def test_batch_polygons_when_config_asks(client):
@@ -229,17 +233,7 @@ def test_zoom_target_decodes_boxes_in_zoomed_windows(settings, doc_root):
         task = {"id": 9, "data": {"image": local("a.png")}, "annotations": [{"id": 1, "result": boxes}]}
         (res,) = _predict(client, [task])
         image = manager_image(client, task)
-        px = np.array(
-            [
-                [
-                    b["value"]["x"] * IMAGE_W / 100,
-                    b["value"]["y"] * IMAGE_H / 100,
-                    (b["value"]["x"] + b["value"]["width"]) * IMAGE_W / 100,
-                    (b["value"]["y"] + b["value"]["height"]) * IMAGE_H / 100,
-                ]
-                for b in boxes
-            ]
-        )
+        px = np.array([_box_px(b) for b in boxes])
         manager = get_manager(zs)
         model, _ = manager.get_model()
         assert all(zoom_window(b, (IMAGE_H, IMAGE_W), 200.0, model.image_size) is not None for b in px)
