@@ -69,6 +69,7 @@ def predict_boxes_zoomed(
     clip_to_box: bool = False,
     crop_predictor=None,
     image_is_set: bool = False,
+    max_boxes: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Single masks for ``boxes`` (N, 4) XYXY on ``image``, small boxes decoded in zoomed windows.
 
@@ -80,6 +81,7 @@ def predict_boxes_zoomed(
             ``to_rgb_uint8`` with ``contrast_limits``, so every window keeps the whole image's contrast).
         target: input pixels the box's long side should span (:data:`DEFAULT_ZOOM_TARGET`).
         clip_to_box: drop mask pixels outside each box (as ``Predictor.predict``).
+        max_boxes: boxes decoded together on the whole image (the rest in further passes).
         crop_predictor: predictor used for the windows (default: a new one on the same model, without
             a cache, so windows never enter the embedding cache; ``predictor`` keeps its image).
     Returns:
@@ -100,9 +102,11 @@ def predict_boxes_zoomed(
     if whole:
         if not image_is_set:
             predictor.set_image(rgb)
-        m, s, _ = predictor.predict(box=boxes[whole], multimask_output=False, clip_to_box=clip_to_box)
-        m, s = np.asarray(m).reshape(len(whole), -1, h, w), np.asarray(s).reshape(len(whole), -1)
-        masks[whole], scores[whole] = m[:, 0], s[:, 0]
+        for start in range(0, len(whole), max_boxes):  # bounded decoder memory, as the tools' batches
+            part = whole[start : start + max_boxes]
+            m, s, _ = predictor.predict(box=boxes[part], multimask_output=False, clip_to_box=clip_to_box)
+            m, s = np.asarray(m).reshape(len(part), -1, h, w), np.asarray(s).reshape(len(part), -1)
+            masks[part], scores[part] = m[:, 0], s[:, 0]
     zoomed = [i for i, win in enumerate(windows) if win is not None]
     if zoomed:
         crop_predictor = crop_predictor if crop_predictor is not None else Predictor(predictor.model)

@@ -100,3 +100,12 @@ def test_windows_keep_the_whole_images_contrast(model):
 def test_nan_box_is_a_clear_error(model):
     with pytest.raises(ValueError, match="NaN"):
         predict_boxes_zoomed(Predictor(model), _scene(), np.array([[0, 0, np.nan, 5]]))
+
+
+def test_unzoomed_boxes_in_several_decoder_passes_give_the_same_masks(model):
+    img = _scene()
+    boxes = np.array([[80, 10, 189, 89], [5, 5, 150, 120], [0, 0, 199, 159], [30, 100, 51, 117]], float)
+    one, s_one = predict_boxes_zoomed(Predictor(model), img, boxes, target=48)
+    many, s_many = predict_boxes_zoomed(Predictor(model), img, boxes, target=48, max_boxes=1)
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_allclose(s_one, s_many, atol=1e-5)
