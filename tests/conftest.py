@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (rwkvsam_core.ops.fused*) run on CPU tensors through Triton's interpreter when
+    # Triton is installed; the switch must be set before the kernels are decorated (on import).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
