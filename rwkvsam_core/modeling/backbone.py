@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import bi_wkv
+from ..ops import bi_wkv, fused
+from . import fused_path
 from .common import LayerNorm2d
 
 
@@ -37,7 +38,13 @@ class Stem(nn.Module):
         self.conv2 = nn.Conv2d(out_chans, out_chans, 3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.gelu(self.norm1(self.conv1(x))))
+        if fused.fast_path(x):
+            y = fused_path.stem(self, x)
+            if y is not None:
+                return y
+        # channels-last: the convolutions and LayerNorm2d run without layout copies
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
+        return self.conv2(F.gelu(self.norm1(x)))
 
 
 class Downsample2d(nn.Module):
@@ -70,6 +77,10 @@ class MBConv(nn.Module):
         self.conv3_1x1 = nn.Conv2d(mid, out_chans, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.fast_path(x):
+            y = fused_path.mbconv(self, x)
+            if y is not None:
+                return y
         shortcut = self.shortcut(x)
         x = F.gelu(self.conv1_1x1(self.pre_norm(x)))
         x = F.gelu(self.conv2_kxk(x))
@@ -85,6 +96,11 @@ class StridedConvDownsample(nn.Module):
         self.proj = nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.fast_path(x):
+            dtype = fused_path.compute_dtype(x, self.proj.weight)
+            y = fused_path.layer_norm_2d(self.norm, x, out_dtype=dtype)
+            if y is not None:
+                return fused_path.conv(self.proj, y, dtype)
         return self.proj(self.norm(x))
 
 
@@ -289,17 +305,19 @@ class RWKVSAMBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Args: x (B, 3, S, S). Returns (X_hr (B,C1,S/4,S/4), X_mr (B,C2,S/8,S/8), X (B,C3,S/16,S/16))."""
-        # channels-last: the convolutions and LayerNorm2d run without layout copies
-        x = self._run(self.stem, x.contiguous(memory_format=torch.channels_last))
+        x = self._run(self.stem, x)  # its output is channels-last
         x_hr = self._run(self.conv_stages[0], x)
         x_mr = self._run(self.conv_stages[1], x_hr)
         x = self._run(self.conv_final_pool, x_mr)
         b, c, h, w = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # row-major tokens, index h * W + w
-        plan = q_shift_plan(h, w, x.device)
-        for layer in self.layers:
-            tokens = self._run(layer, tokens, h, w, plan)
-        tokens = self.final_norm(tokens)
+        if fused.fast_path(tokens) and len(self.layers) > 0:
+            tokens = fused_path.vrwkv_stack(self.layers, self.final_norm, tokens, h, w)
+        else:
+            plan = q_shift_plan(h, w, x.device)
+            for layer in self.layers:
+                tokens = self._run(layer, tokens, h, w, plan)
+            tokens = self.final_norm(tokens)
         x = tokens.view(b, h, w, c).permute(0, 3, 1, 2)
         return x_hr, x_mr, x
 
@@ -317,4 +335,12 @@ class Neck(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(x)
+        if not fused.fast_path(x):
+            return self.out_proj(x)
+        conv1, norm1, conv2, norm2 = self.out_proj
+        h = conv1(x)
+        dtype = fused_path.compute_dtype(h, conv2.weight)
+        y = fused_path.layer_norm_2d(norm1, h, out_dtype=dtype)
+        h = conv2(norm1(h)) if y is None else fused_path.conv(conv2, y, dtype)
+        out = fused_path.layer_norm_2d(norm2, h)
+        return norm2(h) if out is None else out
