@@ -175,6 +175,9 @@ def cmd_info(args) -> int:
     for dev in devices:
         info = bi_wkv_backend_info(dev)
         print(f"bi_wkv on {dev}: {info['backend']} ({info['reason']})")
+    from .ops import fused
+
+    print(f"encoder fused path (Triton kernels): {fused.status()}")
     print("models (parameters: backbone/image encoder, total; shipped weights):")
     for name, builder in MODEL_BUILDERS.items():
         with torch.device("meta"):

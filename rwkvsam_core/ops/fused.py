@@ -27,13 +27,18 @@ model calls these only under ``torch.no_grad``/``inference_mode`` on CUDA tensor
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
+logger = logging.getLogger(__name__)
+_announced = False
+
 __all__ = [
     "available",
     "fast_path",
+    "status",
     "layer_norm_rows",
     "relu_square_",
     "sigmoid_mul",
@@ -56,19 +61,35 @@ def available() -> bool:
     return triton is not None
 
 
+def status() -> str:
+    """One line: whether CUDA inference of the encoder takes the fused path, and why not."""
+    if triton is None:
+        return "off: Triton is not installed (the encoder runs module by module)"
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"off: {ENV_SWITCH}=0"
+    return (
+        f"on for CUDA inference without gradients (Triton {triton.__version__}); {ENV_SWITCH}=0 turns it off"
+    )
+
+
 def fast_path(x: torch.Tensor) -> bool:
     """Whether the model should take the fused inference path for ``x``.
 
     True for CUDA tensors when no gradient is recorded (``no_grad``/``inference_mode``), Triton is
     importable, ``RWKVSAM_FUSED`` is not ``0`` and torch.compile is not tracing (it fuses itself).
     """
-    return (
-        x.is_cuda
+    global _announced
+    taken = (
+        not torch.compiler.is_compiling()  # first: nothing else is evaluated while dynamo traces
+        and x.is_cuda
         and not torch.is_grad_enabled()
         and triton is not None
         and os.environ.get(ENV_SWITCH, "1") != "0"
-        and not torch.compiler.is_compiling()
     )
+    if taken and not _announced:
+        _announced = True
+        logger.info("image encoder: fused Triton inference path (%s)", status())
+    return taken
 
 
 def _block(n: int) -> int:

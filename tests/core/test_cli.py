@@ -176,6 +176,7 @@ def test_info():
     res = run("info")
     assert res.returncode == 0, res.stderr
     assert "bi_wkv on cpu" in res.stdout and "rwkvsam_s" in res.stdout and "sam_vit_h" in res.stdout
+    assert "encoder fused path (Triton kernels): " in res.stdout
 
 
 def test_segment_zoom_writes_a_mask_and_rejects_points(photo, tmp_path):

@@ -204,6 +204,13 @@ def test_training_keeps_the_module_path(monkeypatch):
     assert called and bb.layers[0].attn.key.weight.grad is not None
 
 
+def test_status_line(monkeypatch):
+    monkeypatch.setenv(fused.ENV_SWITCH, "0")
+    assert fused.status() == f"off: {fused.ENV_SWITCH}=0"
+    monkeypatch.delenv(fused.ENV_SWITCH)
+    assert fused.status().startswith("on for CUDA inference")
+
+
 def test_fast_path_switch(monkeypatch):
     t = torch.zeros(1, device="meta")
     monkeypatch.setenv(fused.ENV_SWITCH, "0")
