@@ -120,8 +120,21 @@ def tune() -> dict:
         nbytes = 2 * (m * k + m * n + (0 if ln else m * n))
         out[name] = _row(name, nbytes, res_cfgs)
 
-    st_cfgs = [(16, 128, 4), (8, 256, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8), (16, 256, 8), (8, 128, 2)]
-    st_cfgs += [(4, 256, 4), (64, 32, 4), (16, 64, 2)]
+    # 3-tuples: the one-output-row-per-program stencil (BLOCK_W, BLOCK_C, warps); 4-tuples: the
+    # depthwise kernel that slides down ROWS output rows (ROWS, BLOCK_W, BLOCK_C, warps)
+    # what the 512^2 x 64 -> 256 expansion costs without its GELU, without its LayerNorm
+    x = torch.randn(512 * 512, 64, device=dev, dtype=BF16)
+    w = torch.randn(256, 64, device=dev, dtype=BF16) * 0.125
+    b = torch.randn(256, device=dev)
+    lnp = (torch.ones(64, device=dev), torch.zeros(64, device=dev), 1e-6)
+    for label, kw in (("no GELU", {"ln": lnp}), ("no LN", {"gelu": True}), ("neither", {})):
+        t = _bench(partial(fused_conv.pointwise_conv, x, w, b, out_dtype=BF16, **kw))
+        out[f"s1.0 conv1 {label}"] = _row(
+            f"s1.0 conv1, {label}", 2 * (x.numel() + 512 * 512 * 256), {"default": t}
+        )
+    st_cfgs = [(16, 128, 4), (16, 64, 2), (32, 64, 4), (8, 256, 4)]
+    dw_cfgs = [(8, 16, 64, 4), (16, 16, 64, 4), (8, 32, 64, 4), (8, 16, 128, 4), (4, 16, 64, 4)]
+    dw_cfgs += [(8, 32, 32, 4), (16, 32, 64, 8), (8, 64, 32, 4), (32, 16, 64, 4), (8, 16, 32, 2)]
     stencils = [
         ("s1.0 dw s2", (1, 512, 512, 256), 2, False),
         ("s1.1 dw s1", (1, 256, 256, 256), 1, False),
@@ -136,7 +149,7 @@ def tune() -> dict:
         w = torch.randn(c, 1, 3, 3, device=dev)
         b = torch.randn(c, device=dev)
         res_cfgs = {}
-        for cfg in [None] + st_cfgs:
+        for cfg in [None] + st_cfgs + ([] if pool else dw_cfgs):
             if pool:
                 fn = partial(fused_conv.avg_pool3x3s2, x, _config=cfg)
             else:

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .fused import _gelu  # the exact GELU shared by every fused kernel
+
 __all__ = ["add_channel_bias_", "avg_pool3x3s2", "conv3x3_few_channels", "depthwise3x3", "pointwise_conv"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,12 +42,6 @@ MAX_LN_CHANNELS = 512
 _DOT_NATIVE = 0  # 16-bit operands on tensor cores
 _DOT_IEEE = 1  # float32 operands, full float32 products (no TF32)
 _DOT_WIDEN = 2  # 16-bit operands widened to float32 first (Triton interpreter only)
-
-
-@triton.jit
-def _gelu(x):
-    """Exact GELU of a float32 tile: 0.5 x (1 + erf(x / sqrt(2)))."""
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
 @triton.jit
@@ -187,6 +183,89 @@ def _stencil3x3_kernel(
     out_row = (b.to(tl.int64) * Ho + ho) * Wo
     out_offs = (out_row + wo)[:, None] * C + c[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=wo_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _dw_tap_row(x_ptr, b, hi, H, W, C, wo, wo_ok, c, c_ok, STRIDE: tl.constexpr):
+    """The three horizontally shifted [BLOCK_W, BLOCK_C] views of input row ``hi`` that the 3x3
+    windows of output columns ``wo`` read (zeros outside the image), in float32."""
+    h_in = (hi >= 0) & (hi < H)
+    row_base = (b.to(tl.int64) * H + hi) * W
+    wi = wo * STRIDE - 1
+    ok0 = tl.where(h_in, (wi >= 0) & wo_ok, False)
+    ok1 = tl.where(h_in, (wi + 1 < W) & wo_ok, False)
+    ok2 = tl.where(h_in, (wi + 2 < W) & wo_ok, False)
+    offs = (row_base + wi)[:, None] * C + c[None, :]
+    t0 = tl.load(x_ptr + offs, mask=ok0[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    t1 = tl.load(x_ptr + offs + C, mask=ok1[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    t2 = tl.load(x_ptr + offs + 2 * C, mask=ok2[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    return t0, t1, t2
+
+
+@triton.jit
+def _dw_rows_kernel(
+    x_ptr,  # (B, H, W, C) contiguous
+    w_ptr,  # (C, 9) depthwise taps
+    bias_ptr,  # (C,) or a dummy when HAS_BIAS is false
+    out_ptr,  # (B, Ho, Wo, C) contiguous
+    H,
+    W,
+    C,
+    Ho,
+    Wo,
+    STRIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # One program per (ROWS consecutive output rows, BLOCK_W output columns, BLOCK_C channels). It
+    # walks down its rows keeping the three input rows of the current window in registers, so each
+    # input row is loaded once per program (stride 1), not three times.
+    row_blocks = tl.cdiv(Ho, ROWS)
+    b = tl.program_id(0) // row_blocks
+    ho0 = (tl.program_id(0) % row_blocks) * ROWS
+    wo = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    wo_ok = wo < Wo
+    c_ok = c < C
+    w00 = tl.load(w_ptr + c * 9 + 0, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w01 = tl.load(w_ptr + c * 9 + 1, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w02 = tl.load(w_ptr + c * 9 + 2, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w10 = tl.load(w_ptr + c * 9 + 3, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w11 = tl.load(w_ptr + c * 9 + 4, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w12 = tl.load(w_ptr + c * 9 + 5, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w20 = tl.load(w_ptr + c * 9 + 6, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w21 = tl.load(w_ptr + c * 9 + 7, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    w22 = tl.load(w_ptr + c * 9 + 8, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    hi = ho0 * STRIDE - 1
+    a0, a1, a2 = _dw_tap_row(x_ptr, b, hi, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+    m0, m1, m2 = _dw_tap_row(x_ptr, b, hi + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+    z0, z1, z2 = _dw_tap_row(x_ptr, b, hi + 2, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+    for i in range(ROWS):
+        ho = ho0 + i
+        acc = a0 * w00 + a1 * w01 + a2 * w02
+        acc += m0 * w10 + m1 * w11 + m2 * w12
+        acc += z0 * w20 + z1 * w21 + z2 * w22
+        if HAS_BIAS:
+            acc += bias
+        if GELU:
+            acc = _gelu(acc)
+        out_offs = ((b.to(tl.int64) * Ho + ho) * Wo + wo)[:, None] * C + c[None, :]
+        row_ok = tl.where(ho < Ho, wo_ok, False)
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+        # slide the window down one output row: STRIDE new input rows
+        top = (ho + 1) * STRIDE - 1
+        if STRIDE == 1:
+            a0, a1, a2 = m0, m1, m2
+            m0, m1, m2 = z0, z1, z2
+        else:
+            a0, a1, a2 = z0, z1, z2
+            m0, m1, m2 = _dw_tap_row(x_ptr, b, top + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+        z0, z1, z2 = _dw_tap_row(x_ptr, b, top + 2, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
 
 
 def _interpreted() -> bool:
@@ -400,7 +479,7 @@ def depthwise3x3(
     *,
     gelu: bool = True,
     out_dtype: torch.dtype | None = None,
-    _config: tuple[int, int, int] | None = None,
+    _config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Depthwise 3x3 convolution of an NHWC tensor, zero padding 1, then bias and exact GELU.
 
@@ -435,7 +514,37 @@ def depthwise3x3(
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     taps = weight.reshape(C, 9).contiguous()
-    return _launch_stencil(x, taps, bias, stride, avg=False, gelu=gelu, out_dtype=out_dtype, _config=_config)
+    if _config is not None and len(_config) == 3:  # the one-row-per-program kernel (tuning runs)
+        return _launch_stencil(
+            x, taps, bias, stride, avg=False, gelu=gelu, out_dtype=out_dtype, _config=_config
+        )
+    B, H, W, _ = x.shape
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    out = torch.empty((B, Ho, Wo, C), dtype=out_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    # 8 rows x 16 columns x 128 channels: tuned on an H200 (benchmarks/tune_fused_kernels.py)
+    rows, block_w, block_c, num_warps = _config or (8, 16, min(128, max(16, triton.next_power_of_2(C))), 4)
+    grid = (B * triton.cdiv(Ho, rows), triton.cdiv(Wo, block_w), triton.cdiv(C, block_c))
+    _dw_rows_kernel[grid](
+        x,
+        taps,
+        bias if bias is not None else out,
+        out,
+        H,
+        W,
+        C,
+        Ho,
+        Wo,
+        STRIDE=stride,
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        ROWS=rows,
+        BLOCK_W=block_w,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return out
 
 
 def avg_pool3x3s2(x: torch.Tensor, _config: tuple[int, int, int] | None = None) -> torch.Tensor:
