@@ -55,10 +55,11 @@ def layer_norm_2d(
     return y.permute(0, 3, 1, 2)
 
 
-def _cached(module: nn.Module, tag: str, dtype: torch.dtype, build):
+def _cached(module: nn.Module, tag: str, extra: tuple, build):
     """``build()`` cached on ``module`` until one of its parameters changes (data, place, dtype or
-    an in-place update: an optimiser step, ``load_state_dict``) or ``dtype`` does."""
-    key = (dtype, tuple((p.data_ptr(), p.dtype, p._version) for p in module.parameters()))
+    an in-place update: an optimiser step, ``load_state_dict``) or ``extra`` (e.g. the compute
+    dtype) does."""
+    key = (extra, tuple((p.data_ptr(), p.dtype, p._version) for p in module.parameters()))
     slot = f"_fused_{tag}"
     cached = module.__dict__.get(slot)
     if cached is None or cached[0] != key:
@@ -70,7 +71,7 @@ def _cached(module: nn.Module, tag: str, dtype: torch.dtype, build):
 
 def _matrix(conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
     """A 1x1 convolution's weight as an (out, in) matrix in ``dtype``, cached."""
-    return _cached(conv, "matrix", dtype, lambda: conv.weight.reshape(conv.out_channels, -1).to(dtype))
+    return _cached(conv, "matrix", (dtype,), lambda: conv.weight.reshape(conv.out_channels, -1).to(dtype))
 
 
 def conv(module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,7 +80,7 @@ def conv(module: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     output (torch adds it with a slow broadcast kernel: 45 us of the stem's 230 at 1024)."""
     from ..ops import fused_conv
 
-    weight = _cached(module, "weight", dtype, lambda: module.weight.to(dtype))
+    weight = _cached(module, "weight", (dtype,), lambda: module.weight.to(dtype))
     y = F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
     if module.bias is None:
         return y
@@ -179,7 +180,7 @@ def mbconv(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     out_dtype = torch.promote_types(dtype, dtype if convolved else x.dtype)
     nhwc = x.permute(0, 2, 3, 1)
     stride = block.conv2_kxk.stride[0]
-    mid_bytes = b * h * w * block.conv1_1x1.out_channels * torch.empty((), dtype=dtype).element_size()
+    mid_bytes = b * h * w * block.conv1_1x1.out_channels * torch.finfo(dtype).bits // 8
     if mid_bytes <= MBCONV_STRIP_BYTES:
         return _mbconv_rows(block, nhwc, dtype, out_dtype).permute(0, 3, 1, 2)
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
@@ -215,18 +216,9 @@ class _BlockWeights:
             self.spatial_mixes = torch.stack((attn.spatial_mix_k, attn.spatial_mix_v, attn.spatial_mix_r))
             self.channel_mixes = torch.stack((mlp.spatial_mix_k, mlp.spatial_mix_r))
 
-    @staticmethod
-    def key(layer: nn.Module, dtype: torch.dtype, t: int) -> tuple:
-        return (dtype, t, tuple((p.data_ptr(), p.dtype, p._version) for p in layer.parameters()))
-
     @classmethod
     def of(cls, layer: nn.Module, dtype: torch.dtype, t: int) -> _BlockWeights:
-        key = cls.key(layer, dtype, t)
-        cached = layer.__dict__.get("_fused_weights")
-        if cached is None or cached[0] != key:
-            cached = (key, cls(layer, dtype, t))
-            layer.__dict__["_fused_weights"] = cached
-        return cached[1]
+        return _cached(layer, "block", (dtype, t), lambda: cls(layer, dtype, t))
 
 
 def vrwkv_stack(
