@@ -177,6 +177,29 @@ def test_mbconv_strips_match_whole(cin, cout, stride, size, monkeypatch):
     torch.testing.assert_close(whole, ref, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_layer_norm_2d_module_fused_on_channels_last(channels_last, monkeypatch):
+    """LayerNorm2d anywhere in the model (refine module, mask decoder) takes the fused pass on
+    channels-last inputs and the module path otherwise; same result and dtype either way."""
+    from rwkvsam_core.modeling.common import LayerNorm2d
+
+    norm = LayerNorm2d(24).to(DEV)
+    _randomise(torch.nn.ModuleDict({"norm": norm}))
+    x = torch.randn(2, 24, 5, 7, device=DEV)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = norm(x)
+        monkeypatch.setattr(fused, "fast_path", lambda t: not torch.is_grad_enabled())
+        calls = []
+        real = fused.layer_norm_rows
+        monkeypatch.setattr(fused, "layer_norm_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out = norm(x)
+    assert bool(calls) == channels_last
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_fused_weights_follow_parameter_changes(monkeypatch):
     """The fused path caches its stacked weights; an in-place update (an optimiser step, a
     load_state_dict) must be seen by the next forward."""
