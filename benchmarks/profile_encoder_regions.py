@@ -147,7 +147,6 @@ def profile(size: int, reps: int) -> dict:
     region_kernels: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     total_us = 0.0
     n_kernels = 0
-    linked: set[tuple[str, float]] = set()
     for evt in events:
         for k in getattr(evt, "kernels", []) or []:
             dur = k.duration if hasattr(k, "duration") else (k.end - k.start)
@@ -157,7 +156,6 @@ def profile(size: int, reps: int) -> dict:
             group = region.split("/")[0] if not region.startswith("vrwkv") else "vrwkv"
             region_kernels[group][k.name][0] += dur
             region_kernels[group][k.name][1] += 1
-            linked.add((k.name, round(dur, 3)))
     # every kernel the GPU ran, by name: Triton launches (driver API) are not linked to the ops above
     from torch.autograd import DeviceType
 
