@@ -110,8 +110,8 @@ if triton is not None:
         1 + erf(s) is evaluated as erfc(|s|) for s < 0 and 2 - erfc(|s|) otherwise, with erfc from
         Abramowitz and Stegun 7.1.26 (one division, one exp, five multiply-adds): no cancellation
         in the negative tail. Over [-12, 12] its largest absolute error is 4.2e-7 (torch's float32
-        GELU: 3.8e-7); libdevice's erf made the GELU epilogues the largest cost of the MBConv
-        kernels (60 of the 144 us of the 512^2 x 64 -> 256 expansion on an H200).
+        GELU: 3.8e-7). On an H200 the 512^2 x 64 -> 256 expansion (LayerNorm, product, GELU) took
+        144 us with libdevice's erf, 82 without a GELU, and 123 with this one.
         """
         s = x * 0.7071067811865476
         a = tl.abs(s)
