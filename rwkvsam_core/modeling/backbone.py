@@ -342,5 +342,4 @@ class Neck(nn.Module):
         dtype = fused_path.compute_dtype(h, conv2.weight)
         y = fused_path.layer_norm_2d(norm1, h, out_dtype=dtype)
         h = conv2(norm1(h)) if y is None else fused_path.conv(conv2, y, dtype)
-        out = fused_path.layer_norm_2d(norm2, h)
-        return norm2(h) if out is None else out
+        return norm2(h)  # LayerNorm2d takes its fused pass itself; this one keeps the module's dtype

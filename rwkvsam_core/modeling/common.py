@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import fused
+from . import fused_path
 
 __all__ = ["LayerNorm2d", "MLPBlock", "PatchUpsample2d"]
 
@@ -37,9 +38,7 @@ class LayerNorm2d(nn.Module):
         kernel plus autocast's cast cost 27 us a call on the decoder's 256 x 256 x 64 maps).
         """
         if fused.fast_path(x):
-            from .fused_path import layer_norm_2d
-
-            y = layer_norm_2d(self, x)
+            y = fused_path.layer_norm_2d(self, x)
             if y is not None:
                 return y
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
