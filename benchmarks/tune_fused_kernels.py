@@ -120,8 +120,6 @@ def tune() -> dict:
         nbytes = 2 * (m * k + m * n + (0 if ln else m * n))
         out[name] = _row(name, nbytes, res_cfgs)
 
-    # 3-tuples: the one-output-row-per-program stencil (BLOCK_W, BLOCK_C, warps); 4-tuples: the
-    # depthwise kernel that slides down ROWS output rows (ROWS, BLOCK_W, BLOCK_C, warps)
     # what the 512^2 x 64 -> 256 expansion costs without its GELU, without its LayerNorm
     x = torch.randn(512 * 512, 64, device=dev, dtype=BF16)
     w = torch.randn(256, 64, device=dev, dtype=BF16) * 0.125
@@ -132,6 +130,9 @@ def tune() -> dict:
         out[f"s1.0 conv1 {label}"] = _row(
             f"s1.0 conv1, {label}", 2 * (x.numel() + 512 * 512 * 256), {"default": t}
         )
+    # the average pool: (BLOCK_W, BLOCK_C, warps); the depthwise kernel, which slides down ROWS output
+    # rows: (ROWS, BLOCK_W, BLOCK_C, warps). (The one-output-row-per-program depthwise kernel it was
+    # measured against on 2026-11-27 is gone: BENCHMARKS.md.)
     st_cfgs = [(16, 128, 4), (16, 64, 2), (32, 64, 4), (8, 256, 4)]
     dw_cfgs = [(8, 16, 64, 4), (16, 16, 64, 4), (8, 32, 64, 4), (8, 16, 128, 4), (4, 16, 64, 4)]
     dw_cfgs += [(8, 32, 32, 4), (16, 32, 64, 8), (8, 64, 32, 4), (32, 16, 64, 4), (8, 16, 32, 2)]
@@ -149,7 +150,7 @@ def tune() -> dict:
         w = torch.randn(c, 1, 3, 3, device=dev)
         b = torch.randn(c, device=dev)
         res_cfgs = {}
-        for cfg in [None] + st_cfgs + ([] if pool else dw_cfgs):
+        for cfg in [None] + (st_cfgs if pool else dw_cfgs):
             if pool:
                 fn = partial(fused_conv.avg_pool3x3s2, x, _config=cfg)
             else:

@@ -127,10 +127,8 @@ def _pointwise_kernel(
 
 
 @triton.jit
-def _stencil3x3_kernel(
+def _avg_pool3x3_kernel(
     x_ptr,  # (B, H, W, C) contiguous
-    w_ptr,  # (C, 9) depthwise taps, or a dummy when AVG
-    bias_ptr,  # (C,) or a dummy when HAS_BIAS is false
     out_ptr,  # (B, Ho, Wo, C) contiguous
     H,
     W,
@@ -138,15 +136,12 @@ def _stencil3x3_kernel(
     Ho,
     Wo,
     STRIDE: tl.constexpr,
-    AVG: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GELU: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # One program per (image row of the output, BLOCK_W output pixels, BLOCK_C channels); channels
-    # are the contiguous axis, so every tap is a coalesced [BLOCK_W, BLOCK_C] load.
-    # AVG: mean of the in-image taps (count_include_pad=False); else a depthwise convolution.
+    # are the contiguous axis, so every tap is a coalesced [BLOCK_W, BLOCK_C] load. The result is
+    # the mean of the in-image taps (count_include_pad=False).
     pid_bh = tl.program_id(0)
     b = pid_bh // Ho
     ho = pid_bh % Ho
@@ -164,22 +159,12 @@ def _stencil3x3_kernel(
             # a select rather than `h_in & ...`: the interpreter mistypes scalar & vector booleans
             ok = tl.where(h_in, (wi >= 0) & (wi < W) & wo_ok, False)
             offs = (row_base + wi)[:, None] * C + c[None, :]
-            v = tl.load(x_ptr + offs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            if AVG:
-                acc += v
-            else:
-                tap = tl.load(w_ptr + c * 9 + (kh * 3 + kw), mask=c_ok, other=0.0).to(tl.float32)
-                acc += v * tap[None, :]
-    if AVG:
-        # taps inside the image: rows [ho*S - 1, ho*S + 1] and columns [wo*S - 1, wo*S + 1] clipped (masked
-        # columns past Wo may count 0: clamp so that they divide by 1)
-        n_rows = tl.minimum(ho * STRIDE + 1, H - 1) - tl.maximum(ho * STRIDE - 1, 0) + 1
-        n_cols = tl.minimum(wo * STRIDE + 1, W - 1) - tl.maximum(wo * STRIDE - 1, 0) + 1
-        acc = acc / tl.maximum(n_rows * n_cols, 1).to(tl.float32)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = _gelu(acc)
+            acc += tl.load(x_ptr + offs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    # taps inside the image: rows [ho*S - 1, ho*S + 1] and columns [wo*S - 1, wo*S + 1] clipped (masked
+    # columns past Wo may count 0: clamp so that they divide by 1)
+    n_rows = tl.minimum(ho * STRIDE + 1, H - 1) - tl.maximum(ho * STRIDE - 1, 0) + 1
+    n_cols = tl.minimum(wo * STRIDE + 1, W - 1) - tl.maximum(wo * STRIDE - 1, 0) + 1
+    acc = acc / tl.maximum(n_rows * n_cols, 1).to(tl.float32)[:, None]
     out_row = (b.to(tl.int64) * Ho + ho) * Wo
     out_offs = (out_row + wo)[:, None] * C + c[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=wo_ok[:, None] & c_ok[None, :])
@@ -427,50 +412,6 @@ def _check_nhwc(x: torch.Tensor) -> None:
         raise ValueError("x must be contiguous NHWC (permute a channels-last tensor to (B, H, W, C))")
 
 
-def _launch_stencil(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: int,
-    *,
-    avg: bool,
-    gelu: bool,
-    out_dtype: torch.dtype,
-    _config: tuple[int, int, int] | None = None,
-) -> torch.Tensor:
-    B, H, W, C = x.shape
-    Ho = (H - 1) // stride + 1
-    Wo = (W - 1) // stride + 1
-    out = torch.empty((B, Ho, Wo, C), dtype=out_dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    block_c = max(16, min(128, triton.next_power_of_2(C)))
-    block_w = max(1, min(2048 // block_c, triton.next_power_of_2(Wo)))
-    num_warps = 4
-    if _config is not None:  # (BLOCK_W, BLOCK_C, num_warps): tuning runs
-        block_w, block_c, num_warps = _config
-    grid = (B * Ho, triton.cdiv(Wo, block_w), triton.cdiv(C, block_c))
-    _stencil3x3_kernel[grid](
-        x,
-        weight if weight is not None else out,
-        bias if bias is not None else out,
-        out,
-        H,
-        W,
-        C,
-        Ho,
-        Wo,
-        STRIDE=stride,
-        AVG=avg,
-        HAS_BIAS=bias is not None,
-        GELU=gelu,
-        BLOCK_W=block_w,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
-    return out
-
-
 def depthwise3x3(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -479,7 +420,7 @@ def depthwise3x3(
     *,
     gelu: bool = True,
     out_dtype: torch.dtype | None = None,
-    _config: tuple[int, ...] | None = None,
+    _config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Depthwise 3x3 convolution of an NHWC tensor, zero padding 1, then bias and exact GELU.
 
@@ -514,10 +455,6 @@ def depthwise3x3(
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     taps = weight.reshape(C, 9).contiguous()
-    if _config is not None and len(_config) == 3:  # the one-row-per-program kernel (tuning runs)
-        return _launch_stencil(
-            x, taps, bias, stride, avg=False, gelu=gelu, out_dtype=out_dtype, _config=_config
-        )
     B, H, W, _ = x.shape
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     out = torch.empty((B, Ho, Wo, C), dtype=out_dtype, device=x.device)
@@ -559,7 +496,21 @@ def avg_pool3x3s2(x: torch.Tensor, _config: tuple[int, int, int] | None = None) 
         A new ``(B, Ho, Wo, C)`` tensor of ``x.dtype``, ``Ho = (H - 1) // 2 + 1`` (likewise ``Wo``).
     """
     _check_nhwc(x)
-    return _launch_stencil(x, None, None, 2, avg=True, gelu=False, out_dtype=x.dtype, _config=_config)
+    B, H, W, C = x.shape
+    Ho, Wo = (H - 1) // 2 + 1, (W - 1) // 2 + 1
+    out = torch.empty((B, Ho, Wo, C), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_c = max(16, min(128, triton.next_power_of_2(C)))
+    block_w = max(1, min(2048 // block_c, triton.next_power_of_2(Wo)))
+    num_warps = 4
+    if _config is not None:  # (BLOCK_W, BLOCK_C, num_warps): tuning runs
+        block_w, block_c, num_warps = _config
+    grid = (B * Ho, triton.cdiv(Wo, block_w), triton.cdiv(C, block_c))
+    _avg_pool3x3_kernel[grid](
+        x, out, H, W, C, Ho, Wo, STRIDE=2, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps
+    )
+    return out
 
 
 @triton.jit
