@@ -235,34 +235,22 @@ def vrwkv_stack(
     n = b * t
     dtype = compute_dtype(tokens, layers[0].attn.key.weight)
     x = tokens.contiguous()
-    first = layers[0]
-    mixed, _ = fused.vrwkv_prep(
-        x,
-        first.norm1.weight,
-        first.norm1.bias,
-        first.norm1.eps,
-        _BlockWeights.of(first, dtype, t).spatial_mixes,
-        height,
-        width,
-        out_dtype=dtype,
-    )
-    rr = vv = None
+    rr = vv = None  # the previous channel mix's gate and value, applied by the next front
     for i, layer in enumerate(layers):
         wts = _BlockWeights.of(layer, dtype, t)
-        if i > 0:
-            mixed, x = fused.vrwkv_prep(
-                x,
-                layer.norm1.weight,
-                layer.norm1.bias,
-                layer.norm1.eps,
-                wts.spatial_mixes,
-                height,
-                width,
-                delta=vv,
-                gate=rr,
-                scale=layers[i - 1].layer_scale_2,
-                out_dtype=dtype,
-            )
+        mixed, x = fused.vrwkv_prep(
+            x,
+            layer.norm1.weight,
+            layer.norm1.bias,
+            layer.norm1.eps,
+            wts.spatial_mixes,
+            height,
+            width,
+            delta=vv,
+            gate=rr,
+            scale=layers[i - 1].layer_scale_2 if i else None,
+            out_dtype=dtype,
+        )
         k, v, r = torch.bmm(mixed, wts.kvr_t).unbind(0)
         y = bi_wkv(wts.w, wts.u, k.view(b, t, c), v.view(b, t, c))
         o = torch.mm(fused.sigmoid_mul(r, y.view(n, c), dtype), wts.out_t)

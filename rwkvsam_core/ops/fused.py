@@ -22,7 +22,7 @@ one read and one write each:
 Everything computes in float32 and rounds once, when storing. Inference only (no autograd): the
 model calls these only under ``torch.no_grad``/``inference_mode`` on CUDA tensors
 (:func:`fast_path`), training keeps the autograd path. Importable without Triton or a GPU;
-``available()`` says whether the kernels can run.
+:func:`status` says whether the fused path is on.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 _announced = False
 
 __all__ = [
-    "available",
     "fast_path",
     "status",
     "layer_norm_rows",
@@ -54,11 +53,6 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 #: Environment switch: ``RWKVSAM_FUSED=0`` turns the fused inference path off (A/B, debugging).
 ENV_SWITCH = "RWKVSAM_FUSED"
-
-
-def available() -> bool:
-    """Whether the fused kernels can run at all (Triton importable)."""
-    return triton is not None
 
 
 def status() -> str:
@@ -96,9 +90,11 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _rows_per_program(block_c: int) -> int:
-    # about 4096 elements per tile: 64 rows of 64 channels, 8 rows of 512
-    return max(1, min(128, 4096 // block_c))
+def _ln_tile(block_c: int) -> tuple[int, int]:
+    """(rows, warps) of a LayerNorm-rows program: about 4096 elements a tile (64 rows of 64
+    channels, 8 rows of 512), 8 warps only for rows wider than that."""
+    rows = max(1, min(128, 4096 // block_c))
+    return rows, 4 if rows * block_c <= 4096 else 8
 
 
 if triton is not None:
@@ -299,10 +295,7 @@ def layer_norm_rows(
     if n == 0:
         return y, x_new
     block_c = _block(c)
-    rows, warps = _config or (
-        _rows_per_program(block_c),
-        4 if block_c * _rows_per_program(block_c) <= 4096 else 8,
-    )
+    rows, warps = _config or _ln_tile(block_c)
     _ln_rows_kernel[(triton.cdiv(n, rows),)](
         x,
         d,
