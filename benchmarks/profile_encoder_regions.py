@@ -106,19 +106,21 @@ def profile(size: int, reps: int) -> dict:
             return enc(inp)
 
     graph_ms = _median_ms(_graphed(run, x))
+    regions = _region_names(model)
     # peak memory inside each top-level region (allocator statistics, no synchronisation)
     peaks: dict[str, float] = {}
     base = torch.cuda.memory_allocated()
-    top_level = [n for n in _region_names(model) if "/" not in n]
-    for name in top_level:
-        _wrap_peak(_region_names(model)[name], name, peaks, base)
+    for name, mod in regions.items():
+        if "/" not in name:
+            _wrap_peak(mod, name, peaks, base)
     torch.cuda.reset_peak_memory_stats()
     run()
     torch.cuda.synchronize()
     _unwrap(model)
-    for name, mod in _region_names(model).items():
+    for name, mod in regions.items():
         _wrap(mod, name)
-    _wrap_fused_stack(names_out := set(_region_names(model)))
+    names = set(regions)
+    _wrap_fused_stack(names)
     for _ in range(3):
         run()
     _spin_up()
@@ -133,7 +135,6 @@ def profile(size: int, reps: int) -> dict:
     region_n: dict[str, int] = defaultdict(int)
     kernel_us: dict[str, float] = defaultdict(float)
     kernel_n: dict[str, int] = defaultdict(int)
-    names = names_out
 
     def innermost(evt) -> str:
         best = "other"
