@@ -86,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_
   const int64_t nch = num_chunks(T);
   auto scratch = at::empty({2, 2 * 3 * B * nch * C}, k.options().dtype(at::kFloat));
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   float* lse_ptr = lse.defined() ? lse.data_ptr<float>() : nullptr;
   float* yf_ptr = (yf.defined() && yf.numel() > 0) ? yf.data_ptr<float>() : nullptr;
   dispatch_dtype(k.scalar_type(), [&](auto* tag) {
@@ -94,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_
                              reinterpret_cast<const scalar_t*>(v.data_ptr()), w.data_ptr<float>(),
                              u.data_ptr<float>(), y.data_ptr(), lse_ptr, yf_ptr, scratch[0].data_ptr<float>(),
                              scratch[1].data_ptr<float>(), static_cast<int>(B), static_cast<int>(T),
-                             static_cast<int>(C), fp32_y, stream);
+                             static_cast<int>(C), fp32_y, num_sms, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, lse, yf};

@@ -121,6 +121,38 @@ __device__ __forceinline__ void store_state(float* buf, int64_t plane, int d, in
   }
 }
 
+// State of one chunk of n <= kChunk tokens (key[j], values a1[j] and a2[j], or 1 when !GRAD) in
+// direction d: causal (d = 0) seen from just after its last token (distance n-1-j), anti-causal
+// (d = 1) from just before its first token (distance j). A max over the exponents, then one ex2 each.
+template <bool GRAD>
+__device__ __forceinline__ State chunk_state(const float (&key)[kChunk], const float (&a1)[kChunk],
+                                             const float (&a2)[kChunk], int n, float w2, int d) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < n) {
+      const float dist = d == 0 ? static_cast<float>(n - 1 - j) : static_cast<float>(j);
+      mx = fmaxf(mx, key[j] - dist * w2);
+    }
+  }
+  State s{mx, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < n) {
+      const float dist = d == 0 ? static_cast<float>(n - 1 - j) : static_cast<float>(j);
+      const float e = ex2(key[j] - dist * w2 - mx);
+      const float b2 = GRAD ? a2[j] : 1.f;
+      s.s1 += e * a1[j];
+      s.s2 += e * b2;
+      if (GRAD) {
+        s.r1 -= dist * e * a1[j];
+        s.r2 -= dist * e * b2;
+      }
+    }
+  }
+  return s;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pass 1: chunk states. Forward: key k2, values (v, 1). Backward: key -lse2, values (g, g*y).
 // Causal state of a chunk = its tokens seen from just after its last token (distance n-1-j);
@@ -160,31 +192,7 @@ __global__ void summary_kernel(const scalar_t* __restrict__ kin, const scalar_t*
   }
   const int64_t plane = total;
 #pragma unroll
-  for (int d = 0; d < 2; ++d) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      if (j < n) {
-        const float dist = d == 0 ? static_cast<float>(n - 1 - j) : static_cast<float>(j);
-        mx = fmaxf(mx, key[j] - dist * w2);
-      }
-    }
-    State s{mx, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      if (j < n) {
-        const float dist = d == 0 ? static_cast<float>(n - 1 - j) : static_cast<float>(j);
-        const float e = ex2(key[j] - dist * w2 - mx);
-        s.s1 += e * a1[j];
-        s.s2 += e * a2[j];
-        if (GRAD) {
-          s.r1 -= dist * e * a1[j];
-          s.r2 -= dist * e * a2[j];
-        }
-      }
-    }
-    store_state<GRAD>(out, plane, d, idx, s);
-  }
+  for (int d = 0; d < 2; ++d) store_state<GRAD>(out, plane, d, idx, chunk_state<GRAD>(key, a1, a2, n, w2, d));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,38 +339,15 @@ __global__ void __launch_bounds__(1024)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pass 3 (forward): one thread per (b, chunk, c). Anti-causal sweep right-to-left keeps B_j in
-// registers, causal sweep left-to-right combines A_j, B_j and the token's own term.
-// WRITE_LSE: also writes lse2 and, when yf is not null, y in float32 (the backward's inputs).
-template <typename scalar_t, typename out_t, bool WRITE_LSE>
-__global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
-                               const float* __restrict__ w, const float* __restrict__ u,
-                               const float* __restrict__ carry, out_t* __restrict__ y, float* __restrict__ lse,
-                               float* __restrict__ yf, int B, int T, int C, int nch) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= nch * C) return;
-  const int b = blockIdx.y;
-  const int c = i % C;
-  const int chunk = i / C;
-  const int64_t bc = static_cast<int64_t>(b) * nch + chunk;
-  const int64_t idx = bc * C + c;
-  const int64_t total = static_cast<int64_t>(B) * nch * C;
-  const int s0 = chunk * kChunk;
-  const int n = min(T - s0, kChunk);
-  const float w2 = w[c] * kLog2e;
-  const float u2 = u[c] * kLog2e;
-  const int64_t base = (static_cast<int64_t>(b) * T + s0) * C + c;
-  float k2[kChunk], vv[kChunk];
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) {  // unconditional loads, see summary_kernel
-    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
-    k2[j] = to_f(kin[off]) * kLog2e;
-    vv[j] = to_f(vin[off]);
-  }
-  const int64_t plane = total;
-  const State cc = load_state<false>(carry, plane, 0, idx);
-  const State ca = load_state<false>(carry, plane, 1, idx);
+// Pass 3 (forward): outputs of one chunk of n tokens (k2 = k log2 e, v) of channel (w2, u2), from
+// the causal state before its first token (cc) and the anti-causal one after its last token (ca).
+// y[j * C], lse[j * C], yf[j * C] are the chunk's outputs (lse and yf when WRITE_LSE, yf when not null).
 
+// Exact at any w, u: every step rescales to the running maximum exponent (three per output).
+template <typename out_t, bool WRITE_LSE>
+__device__ __forceinline__ void out_sweep_exact(const float (&k2)[kChunk], const float (&vv)[kChunk], int n,
+                                                float w2, float u2, const State& cc, const State& ca, out_t* y,
+                                                float* lse, float* yf, int C) {
   float bp[kChunk], bn[kChunk], bd[kChunk];
   {
     float p = ca.p, sn = ca.s1, sd = ca.s2;
@@ -395,12 +380,11 @@ __global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __
       const float e3 = p_max ? o1 : (b_max ? o2 : 1.f);
       const float num = e1 * sn + e2 * bn[j] + e3 * vv[j];
       const float den = e1 * sd + e2 * bd[j] + e3;
-      const int64_t off = base + static_cast<int64_t>(j) * C;
       const float yj = __fdividef(num, den);
-      y[off] = from_f<out_t>(yj);
+      y[j * C] = from_f<out_t>(yj);
       if (WRITE_LSE) {
-        lse[off] = q + lg2(den);
-        if (yf != nullptr) yf[off] = yj;
+        lse[j * C] = q + lg2(den);
+        if (yf != nullptr) yf[j * C] = yj;
       }
       float f1, f2;
       const float q2 = exp2_pair(p - w2, k2[j], f1, f2);
@@ -409,6 +393,280 @@ __global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __
       p = q2;
     }
   }
+}
+
+// Fast form where |w2| <= kFastW2 and |u2| <= kFastU2 (always in the model: w = spatial_decay / T).
+// One reference exponent R for the whole chunk (the largest of its keys and the two carried states),
+// so a token costs one ex2 and the recurrences are plain multiply-adds by 2^-w2. Why it is safe:
+// the carried states have s2 >= 1 at their exponent, so every denominator (scaled by 2^-R) has a
+// term >= 2^-(15 |w2| + |u2|) >= 2^-70 (the largest element seen from any token of the chunk);
+// a term that flushes to zero (< 2^-126) changes it by less than 2^-50. Nothing exceeds
+// T 2^(15 |w2| + max(u2, 0)) <= 2^101.
+constexpr float kFastW2 = 2.f;
+constexpr float kFastU2 = 40.f;
+
+template <typename out_t, bool WRITE_LSE, bool FULL>
+__device__ __forceinline__ void out_sweep_fast(float (&k2)[kChunk], float (&vv)[kChunk], int n, float w2, float u2,
+                                               const State& cc, const State& ca, out_t* y, float* lse, float* yf,
+                                               int C) {
+  float r = fmaxf(cc.p, ca.p);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (FULL || j < n) r = fmaxf(r, k2[j]);
+  }
+  const float dec = ex2(-w2);
+  const float eu = ex2(u2);
+  const float fc = ex2(cc.p - r), fa = ex2(ca.p - r);  // 0 for an empty state (p = -inf)
+  float an = fc * cc.s1, ad = fc * cc.s2;
+  float bn_run = fa * ca.s1, bd_run = fa * ca.s2;
+  // k2[j] becomes e_j = 2^(k2_j - r), vv[j] becomes e_j v_j
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    k2[j] = ex2(k2[j] - r);
+    vv[j] *= k2[j];
+  }
+  float bn[kChunk], bd[kChunk];
+#pragma unroll
+  for (int j = kChunk - 1; j >= 0; --j) {
+    if (FULL || j < n) {
+      bn[j] = bn_run;
+      bd[j] = bd_run;
+      bn_run = fmaf(dec, bn_run, vv[j]);
+      bd_run = fmaf(dec, bd_run, k2[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (FULL || j < n) {
+      const float num = fmaf(eu, vv[j], an + bn[j]);
+      const float den = fmaf(eu, k2[j], ad + bd[j]);
+      const float yj = __fdividef(num, den);
+      y[j * C] = from_f<out_t>(yj);
+      if (WRITE_LSE) {
+        lse[j * C] = r + lg2(den);
+        if (yf != nullptr) yf[j * C] = yj;
+      }
+      an = fmaf(dec, an, vv[j]);
+      ad = fmaf(dec, ad, k2[j]);
+    }
+  }
+}
+
+template <typename out_t, bool WRITE_LSE>
+__device__ __forceinline__ void out_sweep(float (&k2)[kChunk], float (&vv)[kChunk], int n, float w2, float u2,
+                                          const State& cc, const State& ca, out_t* y, float* lse, float* yf,
+                                          int C) {
+  if (fabsf(w2) <= kFastW2 && fabsf(u2) <= kFastU2) {
+    if (n == kChunk) {
+      out_sweep_fast<out_t, WRITE_LSE, true>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, C);
+    } else {
+      out_sweep_fast<out_t, WRITE_LSE, false>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, C);
+    }
+  } else {
+    out_sweep_exact<out_t, WRITE_LSE>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, C);
+  }
+}
+
+// One thread per (b, chunk, c), carries from carry_kernel.
+// WRITE_LSE: also writes lse2 and, when yf is not null, y in float32 (the backward's inputs).
+template <typename scalar_t, typename out_t, bool WRITE_LSE>
+__global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
+                               const float* __restrict__ w, const float* __restrict__ u,
+                               const float* __restrict__ carry, out_t* __restrict__ y, float* __restrict__ lse,
+                               float* __restrict__ yf, int B, int T, int C, int nch) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= nch * C) return;
+  const int b = blockIdx.y;
+  const int c = i % C;
+  const int chunk = i / C;
+  const int64_t bc = static_cast<int64_t>(b) * nch + chunk;
+  const int64_t idx = bc * C + c;
+  const int64_t total = static_cast<int64_t>(B) * nch * C;
+  const int s0 = chunk * kChunk;
+  const int n = min(T - s0, kChunk);
+  const float w2 = w[c] * kLog2e;
+  const float u2 = u[c] * kLog2e;
+  const int64_t base = (static_cast<int64_t>(b) * T + s0) * C + c;
+  float k2[kChunk], vv[kChunk];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {  // unconditional loads, see summary_kernel
+    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
+    k2[j] = to_f(kin[off]) * kLog2e;
+    vv[j] = to_f(vin[off]);
+  }
+  const int64_t plane = total;
+  const State cc = load_state<false>(carry, plane, 0, idx);
+  const State ca = load_state<false>(carry, plane, 1, idx);
+  out_sweep<out_t, WRITE_LSE>(k2, vv, n, w2, u2, cc, ca, y + base, WRITE_LSE ? lse + base : nullptr,
+                              (WRITE_LSE && yf != nullptr) ? yf + base : nullptr, C);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two-launch forward for T <= kSupChunks * kChunk * kMaxSupFused (the carry kernel's chain of
+// dependent steps was a third of the forward's time). Tokens are grouped in superchunks of
+// kSupChunks chunks; one block of kSupLanes x kSupChunks threads owns (32 channels, superchunk, b).
+//   sup_summary_kernel: the state of every chunk and every superchunk in both directions;
+//   fwd_fused_kernel:   each block folds the states of the superchunks before (causal) and after
+//                       (anti-causal) its own, scans its chunks' states in shared memory, then
+//                       reads its tokens and writes the outputs.
+constexpr int kSupChunks = 8;
+constexpr int kSupLanes = 32;
+constexpr int kSupTokens = kSupChunks * kChunk;
+
+// k, v of the thread's chunk into registers (k in log2 units), unconditional loads as in summary_kernel
+template <typename scalar_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
+                                           int64_t base, int n, int C, float (&k2)[kChunk], float (&vv)[kChunk]) {
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
+    k2[j] = to_f(kin[off]) * kLog2e;
+    vv[j] = to_f(vin[off]);
+  }
+}
+
+__device__ __forceinline__ void put_state(float (*sh)[kSupChunks][kSupLanes + 1], int row, int lane, const State& s) {
+  sh[0][row][lane] = s.p;
+  sh[1][row][lane] = s.s1;
+  sh[2][row][lane] = s.s2;
+}
+
+__device__ __forceinline__ State get_state(const float (*sh)[kSupChunks][kSupLanes + 1], int row, int lane) {
+  return State{sh[0][row][lane], sh[1][row][lane], sh[2][row][lane], 0.f, 0.f};
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSupLanes* kSupChunks)
+    sup_summary_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
+                       const float* __restrict__ w, float* __restrict__ chst, float* __restrict__ sup, int B,
+                       int T, int C, int nch, int nsup) {
+  __shared__ float sh[2][3][kSupChunks][kSupLanes + 1];
+  const int lane = threadIdx.x, row = threadIdx.y;
+  const int c = blockIdx.x * kSupLanes + lane;
+  const int sc = blockIdx.y, b = blockIdx.z;
+  const int chunk = sc * kSupChunks + row;
+  const bool valid = c < C && chunk < nch;
+  const float w2 = c < C ? w[c] * kLog2e : 0.f;
+  State st0 = empty_state(), st1 = empty_state();
+  if (valid) {
+    const int n = min(T - chunk * kChunk, kChunk);
+    float k2[kChunk], vv[kChunk];
+    load_chunk(kin, vin, (static_cast<int64_t>(b) * T + chunk * kChunk) * C + c, n, C, k2, vv);
+    st0 = chunk_state<false>(k2, vv, vv, n, w2, 0);
+    st1 = chunk_state<false>(k2, vv, vv, n, w2, 1);
+    const int64_t plane = static_cast<int64_t>(B) * nch * C;
+    const int64_t idx = (static_cast<int64_t>(b) * nch + chunk) * C + c;
+    store_state<false>(chst, plane, 0, idx, st0);
+    store_state<false>(chst, plane, 1, idx, st1);
+  }
+  put_state(sh[0], row, lane, st0);
+  put_state(sh[1], row, lane, st1);
+  __syncthreads();
+  if (row < 2 && c < C) {  // warp 0 folds the causal states left to right, warp 1 the others right to left
+    const int d = row;
+    State agg = empty_state();
+#pragma unroll
+    for (int i = 0; i < kSupChunks; ++i) {
+      const int r = d == 0 ? i : kSupChunks - 1 - i;
+      const int g = sc * kSupChunks + r;
+      if (g < nch) agg = combine<false>(agg, get_state(sh[d], r, lane), static_cast<float>(min(T - g * kChunk, kChunk)), w2);
+    }
+    store_state<false>(sup, static_cast<int64_t>(B) * nsup * C, d, (static_cast<int64_t>(b) * nsup + sc) * C + c, agg);
+  }
+}
+
+template <typename scalar_t, typename out_t, bool WRITE_LSE>
+__global__ void __launch_bounds__(kSupLanes* kSupChunks, 3)
+    fwd_fused_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
+                     const float* __restrict__ w, const float* __restrict__ u, const float* __restrict__ chst,
+                     const float* __restrict__ sup, out_t* __restrict__ y, float* __restrict__ lse, float* __restrict__ yf, int B, int T, int C,
+                     int nch, int nsup) {
+  __shared__ float chs[2][3][kSupChunks][kSupLanes + 1];   // chunk states, then each chunk's carry-in
+  __shared__ float part[2][3][kSupChunks][kSupLanes + 1];  // folds of parts of the other superchunks
+  __shared__ float plen[2][kSupChunks][kSupLanes + 1];     // their lengths in tokens
+  const int lane = threadIdx.x, row = threadIdx.y;
+  const int c = blockIdx.x * kSupLanes + lane;
+  const int sc = blockIdx.y, b = blockIdx.z;
+  const int chunk = sc * kSupChunks + row;
+  const bool valid = c < C && chunk < nch;
+  const bool cvalid = c < C;
+  const float w2 = cvalid ? w[c] * kLog2e : 0.f;
+  const float u2 = cvalid ? u[c] * kLog2e : 0.f;
+  const int n = valid ? min(T - chunk * kChunk, kChunk) : 0;
+  const int64_t base = (static_cast<int64_t>(b) * T + chunk * kChunk) * C + c;
+  {
+    State st0 = empty_state(), st1 = empty_state();
+    if (valid) {
+      const int64_t plane = static_cast<int64_t>(B) * nch * C;
+      const int64_t idx = (static_cast<int64_t>(b) * nch + chunk) * C + c;
+      st0 = load_state<false>(chst, plane, 0, idx);
+      st1 = load_state<false>(chst, plane, 1, idx);
+    }
+    put_state(chs[0], row, lane, st0);
+    put_state(chs[1], row, lane, st1);
+  }
+
+  // Other superchunks, in scan order: causal 0 .. sc-1, anti-causal nsup-1 .. sc+1. Row r folds the
+  // r-th of kSupChunks contiguous parts of each list.
+  {
+    const int64_t plane = static_cast<int64_t>(B) * nsup * C;
+    const int64_t sbase = static_cast<int64_t>(b) * nsup * C + c;
+#pragma unroll
+    for (int d = 0; d < 2; ++d) {
+      const int cnt = d == 0 ? sc : nsup - 1 - sc;
+      const int per = (cnt + kSupChunks - 1) / kSupChunks;
+      const int lo = min(row * per, cnt), hi = min(lo + per, cnt);
+      State agg = empty_state();
+      float len = 0.f;
+      if (cvalid) {
+        for (int i = lo; i < hi; i += 4) {
+          State ys[4];
+          float lns[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {  // unconditional loads, see carry_kernel
+            const int ii = min(i + q, hi - 1);
+            const int s = d == 0 ? ii : nsup - 1 - ii;
+            lns[q] = static_cast<float>(min(T - s * kSupTokens, kSupTokens));
+            ys[q] = load_state<false>(sup, plane, d, sbase + static_cast<int64_t>(s) * C);
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if (i + q < hi) {
+              agg = combine<false>(agg, ys[q], lns[q], w2);
+              len += lns[q];
+            }
+          }
+        }
+      }
+      put_state(part[d], row, lane, agg);
+      plen[d][row][lane] = len;
+    }
+  }
+  __syncthreads();
+  if (row < 2 && cvalid) {  // warp 0: causal carries, warp 1: anti-causal
+    const int d = row;
+    State run = empty_state();
+#pragma unroll
+    for (int r = 0; r < kSupChunks; ++r) run = combine<false>(run, get_state(part[d], r, lane), plen[d][r][lane], w2);
+#pragma unroll
+    for (int i = 0; i < kSupChunks; ++i) {
+      const int r = d == 0 ? i : kSupChunks - 1 - i;
+      const int g = sc * kSupChunks + r;
+      if (g < nch) {
+        const State s = get_state(chs[d], r, lane);
+        put_state(chs[d], r, lane, run);
+        run = combine<false>(run, s, static_cast<float>(min(T - g * kChunk, kChunk)), w2);
+      }
+    }
+  }
+  __syncthreads();
+  if (!valid) return;
+  const State cc = get_state(chs[0], row, lane);
+  const State ca = get_state(chs[1], row, lane);
+  float k2[kChunk], vv[kChunk];
+  load_chunk(kin, vin, base, n, C, k2, vv);
+  out_sweep<out_t, WRITE_LSE>(k2, vv, n, w2, u2, cc, ca, y + base, WRITE_LSE ? lse + base : nullptr,
+                              (WRITE_LSE && yf != nullptr) ? yf + base : nullptr, C);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -532,6 +790,8 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
+// ---- host launchers ----
+
 // one thread per (chunk, channel) of a batch element along x, batch along y
 inline dim3 grid_for(int nch, int C, int B) {
   return dim3(static_cast<unsigned>((static_cast<int64_t>(nch) * C + kThreads - 1) / kThreads), B);
@@ -549,25 +809,50 @@ void launch_carry(const float* summ, float* carry, const float* w, int B, int T,
   }
 }
 
+// The two-launch forward while its blocks fit in one wave (3 of 256 threads per SM at 80 registers)
+// and every block's fold of the other superchunks stays short. Beyond one wave the three-launch
+// forward is faster (H200: (8, 4096, 384) bf16 110 vs 142 us, (1, 16384, 384) 55 vs 82 us): the
+// fused kernel's blocks then wait on their serial carry steps instead of overlapping them.
+constexpr int kFusedBlocksPerSm = 3;
+constexpr int kMaxSupFused = 128;
+
+template <typename scalar_t, typename out_t, bool WRITE_LSE>
+void launch_forward_pass(const scalar_t* k, const scalar_t* v, const float* w, const float* u, out_t* y, float* lse,
+                         float* yf, float* summ, float* carry, int B, int T, int C, int num_sms,
+                         cudaStream_t stream) {
+  const int nch = (T + kChunk - 1) / kChunk;
+  const int nsup = (nch + kSupChunks - 1) / kSupChunks;
+  const int64_t fused_blocks = static_cast<int64_t>((C + kSupLanes - 1) / kSupLanes) * nsup * B;
+  if (nsup <= kMaxSupFused && fused_blocks <= static_cast<int64_t>(kFusedBlocksPerSm) * num_sms) {
+    const dim3 grid((C + kSupLanes - 1) / kSupLanes, nsup, B);
+    const dim3 block(kSupLanes, kSupChunks);
+    sup_summary_kernel<scalar_t><<<grid, block, 0, stream>>>(k, v, w, summ, carry, B, T, C, nch, nsup);
+    fwd_fused_kernel<scalar_t, out_t, WRITE_LSE><<<grid, block, 0, stream>>>(k, v, w, u, summ, carry, y, lse, yf, B,
+                                                                            T, C, nch, nsup);
+    return;
+  }
+  summary_kernel<scalar_t, false>
+      <<<grid_for(nch, C, B), kThreads, 0, stream>>>(k, v, nullptr, nullptr, w, summ, B, T, C, nch);
+  launch_carry<false>(summ, carry, w, B, T, C, nch, stream);
+  fwd_out_kernel<scalar_t, out_t, WRITE_LSE>
+      <<<grid_for(nch, C, B), kThreads, 0, stream>>>(k, v, w, u, carry, y, lse, yf, B, T, C, nch);
+}
+
 }  // namespace
 
 template <typename scalar_t>
 void launch_forward(const scalar_t* k, const scalar_t* v, const float* w, const float* u, void* y, float* lse,
                     float* yf, float* summ, float* carry, int B, int T, int C, bool fp32_out_with_lse,
-                    cudaStream_t stream) {
-  const int nch = (T + kChunk - 1) / kChunk;
-  summary_kernel<scalar_t, false>
-      <<<grid_for(nch, C, B), kThreads, 0, stream>>>(k, v, nullptr, nullptr, w, summ, B, T, C, nch);
-  launch_carry<false>(summ, carry, w, B, T, C, nch, stream);
+                    int num_sms, cudaStream_t stream) {
   if (fp32_out_with_lse) {
-    fwd_out_kernel<scalar_t, float, true><<<grid_for(nch, C, B), kThreads, 0, stream>>>(
-        k, v, w, u, carry, static_cast<float*>(y), lse, nullptr, B, T, C, nch);
+    launch_forward_pass<scalar_t, float, true>(k, v, w, u, static_cast<float*>(y), lse, nullptr, summ, carry, B, T,
+                                               C, num_sms, stream);
   } else if (lse != nullptr) {
-    fwd_out_kernel<scalar_t, scalar_t, true><<<grid_for(nch, C, B), kThreads, 0, stream>>>(
-        k, v, w, u, carry, static_cast<scalar_t*>(y), lse, yf, B, T, C, nch);
+    launch_forward_pass<scalar_t, scalar_t, true>(k, v, w, u, static_cast<scalar_t*>(y), lse, yf, summ, carry, B, T,
+                                                  C, num_sms, stream);
   } else {
-    fwd_out_kernel<scalar_t, scalar_t, false><<<grid_for(nch, C, B), kThreads, 0, stream>>>(
-        k, v, w, u, carry, static_cast<scalar_t*>(y), nullptr, nullptr, B, T, C, nch);
+    launch_forward_pass<scalar_t, scalar_t, false>(k, v, w, u, static_cast<scalar_t*>(y), nullptr, nullptr, summ,
+                                                   carry, B, T, C, num_sms, stream);
   }
 }
 
@@ -587,7 +872,7 @@ void launch_backward(const scalar_t* k, const scalar_t* v, const scalar_t* g, co
 
 #define RWKVSAM_INSTANTIATE(T)                                                                           \
   template void launch_forward<T>(const T*, const T*, const float*, const float*, void*, float*, float*,  \
-                                  float*, float*, int, int, int, bool, cudaStream_t);                     \
+                                  float*, float*, int, int, int, bool, int, cudaStream_t);                     \
   template void launch_backward<T>(const T*, const T*, const T*, const float*, const float*, const float*, \
                                    const float*, float*, float*, T*, T*, float*, float*, float*, float*, int, \
                                    int, int, cudaStream_t);

@@ -194,6 +194,45 @@ def test_extreme_decay_and_keys(backend, T, wscale, kscale):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("T", [64, 300])
+def test_fast_and_exact_channels_side_by_side(T):
+    """The CUDA output pass takes a one-reference-exponent form for channels with |w| log2(e) <= 2 and
+    |u| log2(e) <= 40 and the exact per-step rescaling otherwise. Channels of both kinds share warps
+    here (w over [-1.6, 1.6], u over [-35, 35], interleaved) and every one must match float64."""
+    C = 64
+    w, u, k, v, gy = _inputs(2, T, C, torch.float32, 17)
+    w = torch.linspace(-1.6, 1.6, C, device="cuda")
+    perm = torch.randperm(C, generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
+    u = torch.linspace(-35.0, 35.0, C, device="cuda")[perm]
+    fast = (w.abs() * 1.4426950408889634 <= 2) & (u.abs() * 1.4426950408889634 <= 40)
+    assert 0 < int(fast.sum()) < C
+    y_ref, grads_ref = _expected(w, u, k, v, gy)
+    fwd, bwd = _ops("cuda")
+    y = fwd(w, u, k, v)
+    per_channel = ((y.double() - y_ref).norm(dim=(0, 1)) / y_ref.norm(dim=(0, 1))).max()
+    assert per_channel < 1e-4, f"worst channel off by {float(per_channel):.2e}"
+    dw, du, dk, dv = bwd(w, u, k, v, gy)
+    assert _rel(dk, grads_ref[2]) < 1e-3 and _rel(dv, grads_ref[3]) < 1e-3
+    assert _rel(du, grads_ref[1]) < 1e-3 and _rel(dw, grads_ref[0]) < 1e-2
+    ys, _, lse = torch.ops.rwkvsam.bi_wkv_fwd_saved(w, u, k, v)
+    assert torch.equal(ys, y)
+    assert torch.isfinite(lse).all()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [16384 + 2000, 40000])
+def test_long_sequences_beyond_the_two_launch_forward(dtype, T):
+    """Past 16384 tokens the forward goes back to three launches (chunk states, carry scan, outputs):
+    outputs and gradients still match float64."""
+    inputs = _inputs(1, T, 8, dtype, 23)
+    y_ref, grads_ref = _expected(*inputs)
+    _check("cuda", inputs, y_ref, grads_ref, dtype, f"{dtype} T={T}")
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_noncontiguous_inputs(backend):
     fwd, bwd = _ops(backend)
