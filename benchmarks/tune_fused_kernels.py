@@ -227,14 +227,52 @@ def tune() -> dict:
     return out
 
 
+def channel_mix_key() -> dict:
+    """The VRWKV channel mix's key product with its squared ReLU, (M, 384) x (384, 1536) bf16: cuBLAS
+    followed by the in-place relu_square_ pass, against the Triton 1x1 GEMM with the activation in its
+    epilogue (default tiles and a few others), at batch 1 and batch 8 of rwkvsam_s at 1024."""
+    from rwkvsam_core.ops import fused, fused_conv
+
+    out: dict = {}
+    print(
+        "| channel-mix key at M | cuBLAS + relu_square_ (us) | Triton epilogue default (us) | best (us) | best config |"
+    )
+    print("|---|---|---|---|---|")
+    cfgs = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
+    cfgs += [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (128, 256, 32, 8, 4)]
+    for m in (4096, 8 * 4096):
+        x = torch.randn(m, 384, device="cuda", dtype=BF16)
+        w = torch.randn(1536, 384, device="cuda", dtype=BF16) * 384**-0.5
+        wt = w.t()
+        ref = fused.relu_square_(torch.mm(x, wt))
+        got = fused_conv.pointwise_conv(x, w, relu_square=True)
+        err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+        base = _bench(lambda x=x, wt=wt: fused.relu_square_(torch.mm(x, wt)))
+        tri = {"default": _bench(lambda x=x, w=w: fused_conv.pointwise_conv(x, w, relu_square=True))}
+        for c in cfgs:
+            try:
+                tri[c] = _bench(partial(fused_conv.pointwise_conv, x, w, relu_square=True, _config=c))
+            except Exception as exc:  # a tile that does not fit shared memory
+                print(f"  {c}: {type(exc).__name__}")
+        best_cfg, best = min(tri.items(), key=lambda kv: kv[1])
+        print(
+            f"| {m} | {base * 1e3:.1f} | {tri['default'] * 1e3:.1f} | {best * 1e3:.1f} | {best_cfg} "
+            f"(max rel. diff {err:.1e}) |",
+            flush=True,
+        )
+        out[str(m)] = {"cublas_us": base * 1e3, "triton_us": {str(k): v * 1e3 for k, v in tri.items()}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--key-gemm", action="store_true", help="only the channel mix's key product")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
-    res = tune()
+    res = channel_mix_key() if args.key_gemm else tune()
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "kernels": res}, indent=1))
     return 0

@@ -65,13 +65,22 @@ enum class FwdMode {
 };
 
 // (y, lse, yf) per mode; lse and yf undefined where the mode has none.
+// gate_in: undefined, or (kOutput only) r of k's shape, dtype and device: y = sigmoid(r) * Bi-WKV.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_in, const at::Tensor& u_in,
                                                             const at::Tensor& k_in, const at::Tensor& v_in,
-                                                            FwdMode mode) {
+                                                            FwdMode mode, const at::Tensor& gate_in = at::Tensor()) {
   check_inputs(w_in, u_in, k_in, v_in);
+  if (gate_in.defined()) {
+    TORCH_CHECK(mode == FwdMode::kOutput, "bi_wkv: a gate only goes with the inference forward");
+    TORCH_CHECK(gate_in.sizes() == k_in.sizes() && gate_in.scalar_type() == k_in.scalar_type() &&
+                    gate_in.device() == k_in.device(),
+                "bi_wkv_gated: r must have k's shape ", k_in.sizes(), ", dtype and device, got ", gate_in.sizes(),
+                " ", gate_in.scalar_type(), " on ", gate_in.device());
+  }
   const c10::cuda::CUDAGuard guard(k_in.device());
   const auto k = k_in.contiguous();
   const auto v = v_in.contiguous();
+  const auto gate = gate_in.defined() ? gate_in.contiguous() : gate_in;
   const auto w = w_in.to(at::kFloat).contiguous();
   const auto u = u_in.to(at::kFloat).contiguous();
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
@@ -93,7 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     launch_forward<scalar_t>(reinterpret_cast<const scalar_t*>(k.data_ptr()),
                              reinterpret_cast<const scalar_t*>(v.data_ptr()), w.data_ptr<float>(),
-                             u.data_ptr<float>(), y.data_ptr(), lse_ptr, yf_ptr, scratch[0].data_ptr<float>(),
+                             u.data_ptr<float>(), y.data_ptr(), lse_ptr, yf_ptr,
+                             gate.defined() ? reinterpret_cast<const scalar_t*>(gate.data_ptr()) : nullptr,
+                             scratch[0].data_ptr<float>(),
                              scratch[1].data_ptr<float>(), static_cast<int>(B), static_cast<int>(T),
                              static_cast<int>(C), fp32_y, num_sms, stream);
   });
@@ -103,6 +114,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& w_
 
 at::Tensor bi_wkv_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
   return std::get<0>(forward_impl(w, u, k, v, FwdMode::kOutput));
+}
+
+// sigmoid(r) * Bi-WKV(w, u, k, v) in one pass (inference): the spatial mix's gate, rounded once.
+at::Tensor bi_wkv_gated_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& r) {
+  TORCH_CHECK(r.defined(), "bi_wkv_gated: r is required");
+  return std::get<0>(forward_impl(w, u, k, v, FwdMode::kOutput, r));
 }
 
 // The training forward: y plus what the backward needs, so that it does not recompute the forward.
@@ -188,6 +206,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Bi-WKV CUDA kernels (the torch.ops.rwkvsam.bi_wkv op is defined in rwkvsam_core/ops/cuda_ext.py)";
   m.attr("chunk") = rwkvsam::kChunk;
   m.def("forward", &rwkvsam::bi_wkv_cuda, "y = Bi-WKV(w, u, k, v), y in k's dtype");
+  m.def("forward_gated", &rwkvsam::bi_wkv_gated_cuda, "y = sigmoid(r) * Bi-WKV(w, u, k, v), y in k's dtype");
   m.def("backward", &rwkvsam::bi_wkv_backward_cuda, "(dw, du, dk, dv) for grad_y (recomputes the forward)");
   m.def("forward_saved", &rwkvsam::bi_wkv_forward_saved_cuda,
         "(y in k's dtype, lse2 float32, y float32 or empty when k is float32): the training forward");

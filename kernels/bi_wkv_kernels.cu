@@ -39,6 +39,9 @@ __device__ __forceinline__ float lg2(float x) {
   return y;
 }
 
+// 1 / (1 + e^-x); 0 for x below about -88 (ex2 gives inf, the approximate division 0)
+__device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.f, 1.f + ex2(-x * kLog2e)); }
+
 template <typename T>
 __device__ __forceinline__ float to_f(T x);
 template <>
@@ -344,10 +347,10 @@ __global__ void __launch_bounds__(1024)
 // y[j * C], lse[j * C], yf[j * C] are the chunk's outputs (lse and yf when WRITE_LSE, yf when not null).
 
 // Exact at any w, u: every step rescales to the running maximum exponent (three per output).
-template <typename out_t, bool WRITE_LSE>
+template <typename out_t, bool WRITE_LSE, bool GATED>
 __device__ __forceinline__ void out_sweep_exact(const float (&k2)[kChunk], const float (&vv)[kChunk], int n,
                                                 float w2, float u2, const State& cc, const State& ca, out_t* y,
-                                                float* lse, float* yf, int C) {
+                                                float* lse, float* yf, const out_t* gate, int C) {
   float bp[kChunk], bn[kChunk], bd[kChunk];
   {
     float p = ca.p, sn = ca.s1, sd = ca.s2;
@@ -381,7 +384,7 @@ __device__ __forceinline__ void out_sweep_exact(const float (&k2)[kChunk], const
       const float num = e1 * sn + e2 * bn[j] + e3 * vv[j];
       const float den = e1 * sd + e2 * bd[j] + e3;
       const float yj = __fdividef(num, den);
-      y[j * C] = from_f<out_t>(yj);
+      y[j * C] = from_f<out_t>(GATED ? yj * sigmoid_f(to_f(gate[j * C])) : yj);
       if (WRITE_LSE) {
         lse[j * C] = q + lg2(den);
         if (yf != nullptr) yf[j * C] = yj;
@@ -405,10 +408,10 @@ __device__ __forceinline__ void out_sweep_exact(const float (&k2)[kChunk], const
 constexpr float kFastW2 = 2.f;
 constexpr float kFastU2 = 40.f;
 
-template <typename out_t, bool WRITE_LSE, bool FULL>
+template <typename out_t, bool WRITE_LSE, bool GATED, bool FULL>
 __device__ __forceinline__ void out_sweep_fast(float (&k2)[kChunk], float (&vv)[kChunk], int n, float w2, float u2,
                                                const State& cc, const State& ca, out_t* y, float* lse, float* yf,
-                                               int C) {
+                                               const out_t* gate, int C) {
   float r = fmaxf(cc.p, ca.p);
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
@@ -441,7 +444,7 @@ __device__ __forceinline__ void out_sweep_fast(float (&k2)[kChunk], float (&vv)[
       const float num = fmaf(eu, vv[j], an + bn[j]);
       const float den = fmaf(eu, k2[j], ad + bd[j]);
       const float yj = __fdividef(num, den);
-      y[j * C] = from_f<out_t>(yj);
+      y[j * C] = from_f<out_t>(GATED ? yj * sigmoid_f(to_f(gate[j * C])) : yj);
       if (WRITE_LSE) {
         lse[j * C] = r + lg2(den);
         if (yf != nullptr) yf[j * C] = yj;
@@ -452,28 +455,31 @@ __device__ __forceinline__ void out_sweep_fast(float (&k2)[kChunk], float (&vv)[
   }
 }
 
-template <typename out_t, bool WRITE_LSE>
+// GATED: y = sigmoid(gate) * the Bi-WKV output, in float32 and rounded once (the inference
+// forward of the spatial mix, which gates with its receptance).
+template <typename out_t, bool WRITE_LSE, bool GATED>
 __device__ __forceinline__ void out_sweep(float (&k2)[kChunk], float (&vv)[kChunk], int n, float w2, float u2,
                                           const State& cc, const State& ca, out_t* y, float* lse, float* yf,
-                                          int C) {
+                                          const out_t* gate, int C) {
   if (fabsf(w2) <= kFastW2 && fabsf(u2) <= kFastU2) {
     if (n == kChunk) {
-      out_sweep_fast<out_t, WRITE_LSE, true>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, C);
+      out_sweep_fast<out_t, WRITE_LSE, GATED, true>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, gate, C);
     } else {
-      out_sweep_fast<out_t, WRITE_LSE, false>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, C);
+      out_sweep_fast<out_t, WRITE_LSE, GATED, false>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, gate, C);
     }
   } else {
-    out_sweep_exact<out_t, WRITE_LSE>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, C);
+    out_sweep_exact<out_t, WRITE_LSE, GATED>(k2, vv, n, w2, u2, cc, ca, y, lse, yf, gate, C);
   }
 }
 
 // One thread per (b, chunk, c), carries from carry_kernel.
 // WRITE_LSE: also writes lse2 and, when yf is not null, y in float32 (the backward's inputs).
-template <typename scalar_t, typename out_t, bool WRITE_LSE>
+template <typename scalar_t, typename out_t, bool WRITE_LSE, bool GATED>
 __global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
                                const float* __restrict__ w, const float* __restrict__ u,
                                const float* __restrict__ carry, out_t* __restrict__ y, float* __restrict__ lse,
-                               float* __restrict__ yf, int B, int T, int C, int nch) {
+                               float* __restrict__ yf, const out_t* __restrict__ gate, int B, int T, int C,
+                               int nch) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= nch * C) return;
   const int b = blockIdx.y;
@@ -497,8 +503,9 @@ __global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __
   const int64_t plane = total;
   const State cc = load_state<false>(carry, plane, 0, idx);
   const State ca = load_state<false>(carry, plane, 1, idx);
-  out_sweep<out_t, WRITE_LSE>(k2, vv, n, w2, u2, cc, ca, y + base, WRITE_LSE ? lse + base : nullptr,
-                              (WRITE_LSE && yf != nullptr) ? yf + base : nullptr, C);
+  out_sweep<out_t, WRITE_LSE, GATED>(k2, vv, n, w2, u2, cc, ca, y + base, WRITE_LSE ? lse + base : nullptr,
+                                     (WRITE_LSE && yf != nullptr) ? yf + base : nullptr,
+                                     GATED ? gate + base : nullptr, C);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -575,12 +582,12 @@ __global__ void __launch_bounds__(kSupLanes* kSupChunks)
   }
 }
 
-template <typename scalar_t, typename out_t, bool WRITE_LSE>
+template <typename scalar_t, typename out_t, bool WRITE_LSE, bool GATED>
 __global__ void __launch_bounds__(kSupLanes* kSupChunks, 3)
     fwd_fused_kernel(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
                      const float* __restrict__ w, const float* __restrict__ u, const float* __restrict__ chst,
-                     const float* __restrict__ sup, out_t* __restrict__ y, float* __restrict__ lse, float* __restrict__ yf, int B, int T, int C,
-                     int nch, int nsup) {
+                     const float* __restrict__ sup, out_t* __restrict__ y, float* __restrict__ lse,
+                     float* __restrict__ yf, const out_t* __restrict__ gate, int B, int T, int C, int nch, int nsup) {
   __shared__ float chs[2][3][kSupChunks][kSupLanes + 1];   // chunk states, then each chunk's carry-in
   __shared__ float part[2][3][kSupChunks][kSupLanes + 1];  // folds of parts of the other superchunks
   __shared__ float plen[2][kSupChunks][kSupLanes + 1];     // their lengths in tokens
@@ -665,8 +672,9 @@ __global__ void __launch_bounds__(kSupLanes* kSupChunks, 3)
   const State ca = get_state(chs[1], row, lane);
   float k2[kChunk], vv[kChunk];
   load_chunk(kin, vin, base, n, C, k2, vv);
-  out_sweep<out_t, WRITE_LSE>(k2, vv, n, w2, u2, cc, ca, y + base, WRITE_LSE ? lse + base : nullptr,
-                              (WRITE_LSE && yf != nullptr) ? yf + base : nullptr, C);
+  out_sweep<out_t, WRITE_LSE, GATED>(k2, vv, n, w2, u2, cc, ca, y + base, WRITE_LSE ? lse + base : nullptr,
+                                     (WRITE_LSE && yf != nullptr) ? yf + base : nullptr,
+                                     GATED ? gate + base : nullptr, C);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,9 +824,9 @@ void launch_carry(const float* summ, float* carry, const float* w, int B, int T,
 constexpr int kFusedBlocksPerSm = 3;
 constexpr int kMaxSupFused = 128;
 
-template <typename scalar_t, typename out_t, bool WRITE_LSE>
+template <typename scalar_t, typename out_t, bool WRITE_LSE, bool GATED>
 void launch_forward_pass(const scalar_t* k, const scalar_t* v, const float* w, const float* u, out_t* y, float* lse,
-                         float* yf, float* summ, float* carry, int B, int T, int C, int num_sms,
+                         float* yf, const out_t* gate, float* summ, float* carry, int B, int T, int C, int num_sms,
                          cudaStream_t stream) {
   const int nch = (T + kChunk - 1) / kChunk;
   const int nsup = (nch + kSupChunks - 1) / kSupChunks;
@@ -827,32 +835,35 @@ void launch_forward_pass(const scalar_t* k, const scalar_t* v, const float* w, c
     const dim3 grid((C + kSupLanes - 1) / kSupLanes, nsup, B);
     const dim3 block(kSupLanes, kSupChunks);
     sup_summary_kernel<scalar_t><<<grid, block, 0, stream>>>(k, v, w, summ, carry, B, T, C, nch, nsup);
-    fwd_fused_kernel<scalar_t, out_t, WRITE_LSE><<<grid, block, 0, stream>>>(k, v, w, u, summ, carry, y, lse, yf, B,
-                                                                            T, C, nch, nsup);
+    fwd_fused_kernel<scalar_t, out_t, WRITE_LSE, GATED>
+        <<<grid, block, 0, stream>>>(k, v, w, u, summ, carry, y, lse, yf, gate, B, T, C, nch, nsup);
     return;
   }
   summary_kernel<scalar_t, false>
       <<<grid_for(nch, C, B), kThreads, 0, stream>>>(k, v, nullptr, nullptr, w, summ, B, T, C, nch);
   launch_carry<false>(summ, carry, w, B, T, C, nch, stream);
-  fwd_out_kernel<scalar_t, out_t, WRITE_LSE>
-      <<<grid_for(nch, C, B), kThreads, 0, stream>>>(k, v, w, u, carry, y, lse, yf, B, T, C, nch);
+  fwd_out_kernel<scalar_t, out_t, WRITE_LSE, GATED>
+      <<<grid_for(nch, C, B), kThreads, 0, stream>>>(k, v, w, u, carry, y, lse, yf, gate, B, T, C, nch);
 }
 
 }  // namespace
 
 template <typename scalar_t>
 void launch_forward(const scalar_t* k, const scalar_t* v, const float* w, const float* u, void* y, float* lse,
-                    float* yf, float* summ, float* carry, int B, int T, int C, bool fp32_out_with_lse,
-                    int num_sms, cudaStream_t stream) {
+                    float* yf, const scalar_t* gate, float* summ, float* carry, int B, int T, int C,
+                    bool fp32_out_with_lse, int num_sms, cudaStream_t stream) {
   if (fp32_out_with_lse) {
-    launch_forward_pass<scalar_t, float, true>(k, v, w, u, static_cast<float*>(y), lse, nullptr, summ, carry, B, T,
-                                               C, num_sms, stream);
+    launch_forward_pass<scalar_t, float, true, false>(k, v, w, u, static_cast<float*>(y), lse, nullptr, nullptr, summ,
+                                                      carry, B, T, C, num_sms, stream);
   } else if (lse != nullptr) {
-    launch_forward_pass<scalar_t, scalar_t, true>(k, v, w, u, static_cast<scalar_t*>(y), lse, yf, summ, carry, B, T,
-                                                  C, num_sms, stream);
+    launch_forward_pass<scalar_t, scalar_t, true, false>(k, v, w, u, static_cast<scalar_t*>(y), lse, yf, nullptr,
+                                                         summ, carry, B, T, C, num_sms, stream);
+  } else if (gate != nullptr) {
+    launch_forward_pass<scalar_t, scalar_t, false, true>(k, v, w, u, static_cast<scalar_t*>(y), nullptr, nullptr,
+                                                         gate, summ, carry, B, T, C, num_sms, stream);
   } else {
-    launch_forward_pass<scalar_t, scalar_t, false>(k, v, w, u, static_cast<scalar_t*>(y), nullptr, nullptr, summ,
-                                                   carry, B, T, C, num_sms, stream);
+    launch_forward_pass<scalar_t, scalar_t, false, false>(k, v, w, u, static_cast<scalar_t*>(y), nullptr, nullptr,
+                                                          nullptr, summ, carry, B, T, C, num_sms, stream);
   }
 }
 
@@ -872,7 +883,7 @@ void launch_backward(const scalar_t* k, const scalar_t* v, const scalar_t* g, co
 
 #define RWKVSAM_INSTANTIATE(T)                                                                           \
   template void launch_forward<T>(const T*, const T*, const float*, const float*, void*, float*, float*,  \
-                                  float*, float*, int, int, int, bool, int, cudaStream_t);                     \
+                                  const T*, float*, float*, int, int, int, bool, int, cudaStream_t);           \
   template void launch_backward<T>(const T*, const T*, const T*, const float*, const float*, const float*, \
                                    const float*, float*, float*, T*, T*, float*, float*, float*, float*, int, \
                                    int, int, cudaStream_t);

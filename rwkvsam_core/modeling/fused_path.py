@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import bi_wkv, fused
+from ..ops import bi_wkv_gated, fused
 
 __all__ = ["compute_dtype", "conv", "layer_norm_2d", "mbconv", "stem", "vrwkv_stack"]
 
@@ -227,10 +227,13 @@ def vrwkv_stack(
     """All VRWKV blocks and the final LayerNorm on ``tokens`` (B, T, C), fused.
 
     Per block: one kernel for [previous channel mix's residual +] LN1 + Q-Shift + three mixes, one
-    batched GEMM for k, v, r, Bi-WKV, the gate, the output GEMM, one kernel for the residual + LN2 +
+    batched GEMM for k, v, r, Bi-WKV with the gate (one kernel with the CUDA extension), the output
+    GEMM, one kernel for the residual + LN2 +
     Q-Shift + two mixes, the channel mix's three GEMMs and its squared ReLU; the channel mix's gate
     and residual are applied by the next block's first kernel (or the final LayerNorm's).
     """
+    from ..ops import fused_conv
+
     b, t, c = tokens.shape
     n = b * t
     dtype = compute_dtype(tokens, layers[0].attn.key.weight)
@@ -252,8 +255,8 @@ def vrwkv_stack(
             out_dtype=dtype,
         )
         k, v, r = torch.bmm(mixed, wts.kvr_t).unbind(0)
-        y = bi_wkv(wts.w, wts.u, k.view(b, t, c), v.view(b, t, c))
-        o = torch.mm(fused.sigmoid_mul(r, y.view(n, c), dtype), wts.out_t)
+        y = bi_wkv_gated(wts.w, wts.u, k.view(b, t, c), v.view(b, t, c), r.view(b, t, c))
+        o = torch.mm(y.view(n, c), wts.out_t)
         mixed2, x = fused.vrwkv_prep(
             x,
             layer.norm2.weight,
@@ -266,7 +269,8 @@ def vrwkv_stack(
             scale=layer.layer_scale_1,
             out_dtype=dtype,
         )
-        h = fused.relu_square_(torch.mm(mixed2[0], wts.key_t))
+        # the squared ReLU in the product's epilogue (cuBLAS would need a pass of its own)
+        h = fused_conv.pointwise_conv(mixed2[0], wts.key_t.t(), relu_square=True)
         rr = torch.mm(mixed2[1], wts.recept_t)
         vv = torch.mm(h, wts.value_t)
     out, _ = fused.layer_norm_rows(

@@ -18,7 +18,7 @@ import torch
 
 from .portable import bi_wkv_portable
 
-__all__ = ["bi_wkv", "bi_wkv_backend_info"]
+__all__ = ["bi_wkv", "bi_wkv_backend_info", "bi_wkv_gated"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +117,37 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         if impl is not None:
             return impl(w, u, k, v)
     return bi_wkv_portable(w, u, k, v)
+
+
+def bi_wkv_gated(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor
+) -> torch.Tensor:
+    """``sigmoid(r) * bi_wkv(w, u, k, v)``: the gated output of a VRWKV spatial mix.
+
+    With the CUDA kernel and no gradient to record, one kernel computes both in float32 and rounds
+    once to k's dtype (no pass over ``y`` for the gate). Otherwise the gate is applied in float32 to
+    ``bi_wkv``'s output (differentiable), then rounded to k's dtype.
+
+    Args:
+        w, u, k, v: as for :func:`bi_wkv`.
+        r: (B, T, C) receptance, k's dtype.
+
+    Raises:
+        ValueError: on wrong shapes, dtypes or mixed devices.
+    """
+    _validate(w, u, k, v)
+    if r.shape != k.shape or r.dtype != k.dtype or r.device != k.device:
+        raise ValueError(
+            f"bi_wkv_gated: r must have k's shape {tuple(k.shape)}, dtype {k.dtype} and device {k.device}, "
+            f"got {tuple(r.shape)} {r.dtype} on {r.device}"
+        )
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v, r))
+    if (
+        not needs_grad
+        and k.numel()
+        and k.device.type == "cuda"
+        and k.dtype != torch.float64
+        and _cuda_impl()[1].startswith("cuda:")  # the extension, not the Triton stand-in
+    ):
+        return torch.ops.rwkvsam.bi_wkv_gated(w, u, k, v, r)
+    return (torch.sigmoid(r.float()) * bi_wkv(w, u, k, v).float()).to(k.dtype)

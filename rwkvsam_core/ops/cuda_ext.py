@@ -230,13 +230,48 @@ def _define_ops(mod: ModuleType) -> None:
         check_args(w, u, k, v, grad_y)
         return tuple(mod.backward_saved(w, u, k, v, y, yf, lse, grad_y))
 
+    # inference only: sigmoid(r) * bi_wkv(w, u, k, v), the spatial mix's gate applied by the kernel
+    lib.define("bi_wkv_gated(Tensor w, Tensor u, Tensor k, Tensor v, Tensor r) -> Tensor")
+
+    def gated(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor):
+        check_args(w, u, k, v)
+        if r.shape != k.shape or r.dtype != k.dtype or r.device != k.device:
+            raise ValueError(
+                f"bi_wkv_gated: r must have k's shape {tuple(k.shape)}, dtype {k.dtype} and device "
+                f"{k.device}, got {tuple(r.shape)} {r.dtype} on {r.device}"
+            )
+        return mod.forward_gated(w, u, k, v, r)
+
     lib.impl("bi_wkv", forward, "CUDA")
     lib.impl("bi_wkv_backward", backward, "CUDA")
     lib.impl("bi_wkv_fwd_saved", fwd_saved, "CUDA")
     lib.impl("bi_wkv_bwd_saved", bwd_saved, "CUDA")
+    lib.impl("bi_wkv_gated", gated, "CUDA")
     _lib = lib
     register_fake_and_autograd("rwkvsam::bi_wkv", "rwkvsam::bi_wkv_backward")
     _register_saved_fake_and_autograd()
+    _register_gated_fake_and_autograd()
+
+
+def _register_gated_fake_and_autograd() -> None:
+    """The gated op is for inference: its fake implementation, and an autograd formula that refuses
+    clearly instead of returning no gradient."""
+
+    @torch.library.register_fake("rwkvsam::bi_wkv_gated")
+    def _fake(w, u, k, v, r):
+        torch._check(k.dim() == 3, lambda: f"bi_wkv: k must be (B, T, C), got {tuple(k.shape)}")
+        return k.new_empty(k.shape)
+
+    def backward(ctx, grad_y):
+        raise RuntimeError(
+            "rwkvsam::bi_wkv_gated is inference-only; for gradients use "
+            "torch.sigmoid(r) * rwkvsam_core.ops.bi_wkv(w, u, k, v)"
+        )
+
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    torch.library.register_autograd("rwkvsam::bi_wkv_gated", backward, setup_context=setup_context)
 
 
 def _needed_grads(ctx, grads: tuple) -> tuple:

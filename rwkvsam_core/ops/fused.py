@@ -16,8 +16,8 @@ one read and one write each:
   value reads its own row and the one neighbour its channel quarter takes. (One pass that
   recomputed the LayerNorm of the four neighbours of each token was slower on an H200: 22.7 us a
   call at 4096 x 384 against 6 + 8.7 us; BENCHMARKS.md.)
-- :func:`sigmoid_mul` and :func:`relu_square_`: the spatial mix's gate and the channel mix's
-  squared ReLU.
+- :func:`relu_square_`: the channel mix's squared ReLU. (The spatial mix's gate is applied by the
+  Bi-WKV CUDA kernel's output pass, ``rwkvsam_core.ops.bi_wkv_gated``.)
 
 Everything computes in float32 and rounds once, when storing. Inference only (no autograd): the
 model calls these only under ``torch.no_grad``/``inference_mode`` on CUDA tensors
@@ -40,7 +40,6 @@ __all__ = [
     "status",
     "layer_norm_rows",
     "relu_square_",
-    "sigmoid_mul",
     "vrwkv_prep",
 ]
 
@@ -215,14 +214,6 @@ if triton is not None:
             tl.store(OUT + mi * N * C + offs, (xx + mu[None, :] * (z - xx)).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _sigmoid_mul_kernel(G, V, OUT, numel, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < numel
-        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
-        v = tl.load(V + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(OUT + offs, (v / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty), mask=m)
-
-    @triton.jit
     def _relu_square_kernel(X, numel, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < numel
@@ -387,23 +378,6 @@ def vrwkv_prep(
 
 
 _ELEMENTWISE_BLOCK = 2048
-
-
-def sigmoid_mul(
-    gate: torch.Tensor, value: torch.Tensor, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """``sigmoid(gate) * value`` in float32, rounded once to ``out_dtype`` (default value's)."""
-    if gate.shape != value.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and value {tuple(value.shape)} differ in shape")
-    if not (gate.is_contiguous() and value.is_contiguous()):
-        raise ValueError("gate and value must be contiguous")
-    out = torch.empty(value.shape, dtype=out_dtype or value.dtype, device=value.device)
-    numel = value.numel()
-    if numel:
-        _sigmoid_mul_kernel[(triton.cdiv(numel, _ELEMENTWISE_BLOCK),)](
-            gate, value, out, numel, BLOCK=_ELEMENTWISE_BLOCK, num_warps=4
-        )
-    return out
 
 
 def relu_square_(x: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,7 @@ def _pointwise_kernel(
     HAS_LN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
+    RELU_SQUARE: tl.constexpr,
     HAS_RES: tl.constexpr,
     DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -119,6 +120,9 @@ def _pointwise_kernel(
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = _gelu(acc)
+    if RELU_SQUARE:
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
     out_offs = rows64[:, None] * N + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
@@ -296,11 +300,12 @@ def pointwise_conv(
     *,
     ln: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     gelu: bool = False,
+    relu_square: bool = False,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     _config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """1x1 convolution of NHWC rows, ``out = [residual +] [gelu](LN(x) @ weight^T [+ bias])``.
+    """1x1 convolution of NHWC rows, ``out = [residual +] [act](LN(x) @ weight^T [+ bias])``.
 
     Args:
         x: ``(M, K)`` contiguous rows (a channels-last activation viewed as pixels x channels),
@@ -311,6 +316,7 @@ def pointwise_conv(
         ln: None, or ``(ln_weight (K,), ln_bias (K,), eps)``: LayerNorm of each row of ``x`` over K
             (float32, biased variance) before the product; needs ``K <= MAX_LN_CHANNELS``.
         gelu: apply exact (erf) GELU after the bias.
+        relu_square: apply ``relu(.) ** 2`` after the bias instead (a VRWKV channel mix's key).
         residual: ``(M, N)`` contiguous tensor added (in float32) last, or None.
         out_dtype: dtype of the result, ``weight.dtype`` by default.
 
@@ -323,6 +329,8 @@ def pointwise_conv(
         )
     M, K = x.shape
     N = weight.shape[0]
+    if gelu and relu_square:
+        raise ValueError("gelu and relu_square are two activations: choose one")
     if weight.shape[1] != K:
         raise ValueError(
             f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}: expected ({N}, {K})"
@@ -393,6 +401,7 @@ def pointwise_conv(
         HAS_LN=ln is not None,
         HAS_BIAS=bias is not None,
         GELU=gelu,
+        RELU_SQUARE=relu_square,
         HAS_RES=residual is not None,
         DOT_MODE=dot_mode,
         BLOCK_M=block_m,

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from rwkvsam_core.ops import bi_wkv, bi_wkv_backend_info
+from rwkvsam_core.ops import bi_wkv, bi_wkv_backend_info, bi_wkv_gated
 from rwkvsam_core.ops.portable import SAFE_HALF_RANGE, bi_wkv_portable, single_pass_ok
 from rwkvsam_core.ops.reference import bi_wkv_reference
 
@@ -257,6 +257,30 @@ def test_non_contiguous_inputs():
     vs = torch.cat((v, v), dim=2)[..., ::2]
     assert not kt.is_contiguous() and not vs.is_contiguous()
     torch.testing.assert_close(bi_wkv(w, u, kt, vs), bi_wkv(w, u, k, vs.contiguous()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_is_the_gate_times_bi_wkv(dtype):
+    """bi_wkv_gated (the spatial mix's sigmoid(r) * Bi-WKV): on the CPU the gate is applied in float32
+    to bi_wkv's output, rounded once to k's dtype, and gradients flow through it."""
+    w, u, k, v = _inputs(2, 40, 6, seed=8)
+    k, v = k.to(dtype), v.to(dtype)
+    r = (torch.randn(k.shape, generator=torch.Generator().manual_seed(9)) * 3).to(dtype)
+    out = bi_wkv_gated(w, u, k, v, r)
+    assert out.dtype == dtype
+    assert torch.equal(out, (torch.sigmoid(r.float()) * bi_wkv(w, u, k, v).float()).to(dtype))
+    rg = r.float().clone().requires_grad_()
+    bi_wkv_gated(w, u, k.float(), v.float(), rg).sum().backward()
+    y = bi_wkv(w, u, k.float(), v.float())
+    torch.testing.assert_close(rg.grad, y * torch.sigmoid(r.float()) * (1 - torch.sigmoid(r.float())))
+
+
+def test_gated_rejects_a_mismatched_gate():
+    w, u, k, v = _inputs(1, 10, 4, seed=10)
+    with pytest.raises(ValueError, match="r must have k's shape"):
+        bi_wkv_gated(w, u, k, v, k[:, :3])
+    with pytest.raises(ValueError, match="r must have k's shape"):
+        bi_wkv_gated(w, u, k, v, k.double())
 
 
 def test_empty_batch():

@@ -231,6 +231,58 @@ def test_long_sequences_beyond_the_two_launch_forward(dtype, T):
     _check("cuda", inputs, y_ref, grads_ref, dtype, f"{dtype} T={T}")
 
 
+_GATED_SHAPES = [(2, 7, 40), (1, 4096, 384), (4, 4096, 192), (1, 20000, 8)]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("B", "T", "C"), _GATED_SHAPES)
+def test_gated_forward(dtype, B, T, C):
+    """bi_wkv_gated = sigmoid(r) * Bi-WKV in one kernel, through both launch shapes of the forward
+    (two launches at (1, 4096, 384), three at (4, 4096, 192) and T = 20000 on a 132-SM card)."""
+    from rwkvsam_core.ops import bi_wkv_gated
+
+    _ops("cuda")
+    w, u, k, v, gy = _inputs(B, T, C, dtype, 31)
+    g = torch.Generator(device="cuda").manual_seed(32)
+    r = (torch.randn(B, T, C, generator=g, device="cuda") * 3).to(dtype)
+    y_ref, _ = _expected(w, u, k, v, gy)
+    expected = torch.sigmoid(r.double()) * y_ref
+    _poison(k, k, k)
+    out = torch.ops.rwkvsam.bi_wkv_gated(w, u, k, v, r)
+    assert out.dtype == dtype and out.shape == k.shape
+    assert _rel(out, expected) <= TOL[dtype][0]
+    with torch.no_grad():  # the public function takes the kernel when nothing needs a gradient
+        assert torch.equal(bi_wkv_gated(w, u, k, v, r), out)
+
+
+@gpu
+@needs_gpu
+def test_gated_op_contract():
+    """Fake implementation and schema (torch.compile, CUDA graphs), clear errors on a bad r, and the
+    public function falls back to the differentiable formula when a gradient is needed."""
+    from rwkvsam_core.ops import bi_wkv, bi_wkv_gated
+
+    _ops("cuda")
+    w, u, k, v, _ = _inputs(2, 37, 24, torch.float32, 33)
+    r = torch.randn_like(k)
+    op = torch.ops.rwkvsam.bi_wkv_gated
+    torch.library.opcheck(op, (w, u, k, v, r), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="r must have k's shape"):
+        op(w, u, k, v, r[:, :5])
+    with pytest.raises(ValueError, match="r must have k's shape"):
+        op(w, u, k, v, r.double())
+    kg = k.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        op(w, u, kg, v, r).sum().backward()
+    y = bi_wkv_gated(w, u, kg, v, r)
+    y.sum().backward()
+    kr = k.clone().requires_grad_()
+    (torch.sigmoid(r) * bi_wkv(w, u, kr, v)).sum().backward()
+    torch.testing.assert_close(kg.grad, kr.grad)
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

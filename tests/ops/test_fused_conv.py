@@ -95,6 +95,22 @@ def test_pointwise_conv_bf16_operands_fp32_output_and_strided_weight():
     assert _rel(out, ref) < BF16_ROUNDING_TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_conv_relu_square_epilogue(dtype):
+    """The VRWKV channel mix's key: relu(x @ W^T) ** 2 with W given as the transposed view the fused
+    path keeps, K spanning several K tiles; gelu and relu_square together are refused."""
+    M, K, N = 70, 160, 96
+    x = _randn(M, K, dtype=dtype)
+    weight = _randn(K, N, dtype=dtype, scale=K**-0.5).t()
+    out = pointwise_conv(x, weight, relu_square=True)
+    assert out.dtype == dtype
+    ref = torch.relu(x.double() @ weight.double().t()).square()
+    assert _rel(out, ref) < TOL[dtype]
+    assert (out >= 0).all()
+    with pytest.raises(ValueError, match="choose one"):
+        pointwise_conv(x, weight, gelu=True, relu_square=True)
+
+
 def test_pointwise_conv_layer_norm_of_constant_rows_is_its_bias():
     """Zero variance: the rows normalise to the LN bias (eps keeps rstd finite). Not bit-exact: on a
     GPU the mean's division need not be correctly rounded (it failed at atol 1e-6 on an H200), and
