@@ -26,6 +26,10 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kThreads = 128;      // threads per block of the per-(chunk, channel) kernels
+// Channels with |w2| <= kFastW2 (and, for the output pass, |u2| <= kFastU2) take the forward's fast
+// forms: one reference exponent a chunk instead of a running maximum (see out_sweep_fast).
+constexpr float kFastW2 = 2.f;
+constexpr float kFastU2 = 40.f;
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -156,6 +160,55 @@ __device__ __forceinline__ State chunk_state(const float (&key)[kChunk], const f
   return s;
 }
 
+// Forward chunk states of both directions where |w2| <= kFastW2: one ex2 a token (against one a token
+// and direction after a max per direction), Horner sums in 2^-w2 under the chunk's largest key m,
+// then each state normalised to s2 = 1 (p = m + log2 of its sum, which is >= 2^-(15 |w2|) > 0).
+template <bool FULL>
+__device__ __forceinline__ void forward_chunk_states_fast(float (&k2)[kChunk], float (&vv)[kChunk], int n, float w2,
+                                                          State& causal, State& anti) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (FULL || j < n) m = fmaxf(m, k2[j]);
+  }
+  const float dec = ex2(-w2);
+  float cn = 0.f, cd = 0.f;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {  // k2[j] becomes e_j = 2^(k2_j - m), vv[j] becomes e_j v_j
+    k2[j] = ex2(k2[j] - m);
+    vv[j] *= k2[j];
+    if (FULL || j < n) {
+      cn = fmaf(cn, dec, vv[j]);
+      cd = fmaf(cd, dec, k2[j]);
+    }
+  }
+  float an = 0.f, ad = 0.f;
+#pragma unroll
+  for (int j = kChunk - 1; j >= 0; --j) {
+    if (FULL || j < n) {
+      an = fmaf(an, dec, vv[j]);
+      ad = fmaf(ad, dec, k2[j]);
+    }
+  }
+  causal = State{m + lg2(cd), __fdividef(cn, cd), 1.f, 0.f, 0.f};
+  anti = State{m + lg2(ad), __fdividef(an, ad), 1.f, 0.f, 0.f};
+}
+
+// Both forward chunk states (fast form where the channel allows it). k2 and vv are overwritten.
+__device__ __forceinline__ void forward_chunk_states(float (&k2)[kChunk], float (&vv)[kChunk], int n, float w2,
+                                                     State& causal, State& anti) {
+  if (fabsf(w2) <= kFastW2) {
+    if (n == kChunk) {
+      forward_chunk_states_fast<true>(k2, vv, n, w2, causal, anti);
+    } else {
+      forward_chunk_states_fast<false>(k2, vv, n, w2, causal, anti);
+    }
+  } else {
+    causal = chunk_state<false>(k2, vv, vv, n, w2, 0);
+    anti = chunk_state<false>(k2, vv, vv, n, w2, 1);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pass 1: chunk states. Forward: key k2, values (v, 1). Backward: key -lse2, values (g, g*y).
 // Causal state of a chunk = its tokens seen from just after its last token (distance n-1-j);
@@ -195,7 +248,15 @@ __global__ void summary_kernel(const scalar_t* __restrict__ kin, const scalar_t*
   }
   const int64_t plane = total;
 #pragma unroll
-  for (int d = 0; d < 2; ++d) store_state<GRAD>(out, plane, d, idx, chunk_state<GRAD>(key, a1, a2, n, w2, d));
+  if (GRAD) {
+#pragma unroll
+    for (int d = 0; d < 2; ++d) store_state<GRAD>(out, plane, d, idx, chunk_state<GRAD>(key, a1, a2, n, w2, d));
+  } else {
+    State causal, anti;
+    forward_chunk_states(key, a1, n, w2, causal, anti);
+    store_state<GRAD>(out, plane, 0, idx, causal);
+    store_state<GRAD>(out, plane, 1, idx, anti);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -405,8 +466,6 @@ __device__ __forceinline__ void out_sweep_exact(const float (&k2)[kChunk], const
 // term >= 2^-(15 |w2| + |u2|) >= 2^-70 (the largest element seen from any token of the chunk);
 // a term that flushes to zero (< 2^-126) changes it by less than 2^-50. Nothing exceeds
 // T 2^(15 |w2| + max(u2, 0)) <= 2^101.
-constexpr float kFastW2 = 2.f;
-constexpr float kFastU2 = 40.f;
 
 template <typename out_t, bool WRITE_LSE, bool GATED, bool FULL>
 __device__ __forceinline__ void out_sweep_fast(float (&k2)[kChunk], float (&vv)[kChunk], int n, float w2, float u2,
@@ -559,8 +618,7 @@ __global__ void __launch_bounds__(kSupLanes* kSupChunks)
     const int n = min(T - chunk * kChunk, kChunk);
     float k2[kChunk], vv[kChunk];
     load_chunk(kin, vin, (static_cast<int64_t>(b) * T + chunk * kChunk) * C + c, n, C, k2, vv);
-    st0 = chunk_state<false>(k2, vv, vv, n, w2, 0);
-    st1 = chunk_state<false>(k2, vv, vv, n, w2, 1);
+    forward_chunk_states(k2, vv, n, w2, st0, st1);
     const int64_t plane = static_cast<int64_t>(B) * nch * C;
     const int64_t idx = (static_cast<int64_t>(b) * nch + chunk) * C + c;
     store_state<false>(chst, plane, 0, idx, st0);
