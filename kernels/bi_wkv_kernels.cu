@@ -76,6 +76,43 @@ __device__ __forceinline__ float exp2_pair(float a, float b, float& ea, float& e
   return a_big ? a : b;
 }
 
+// The (b, chunk, c) a thread of the per-(chunk, channel) kernels owns (grid_for's layout): false for
+// the threads past the last one. idx indexes (B, nch, C) planes, base the chunk's first token in (B, T, C).
+struct ChunkThread {
+  int b, c, chunk, n;
+  int64_t idx, base;
+};
+
+__device__ __forceinline__ bool chunk_thread(int T, int C, int nch, ChunkThread& q) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= nch * C) return false;
+  q.b = blockIdx.y;
+  q.c = i % C;
+  q.chunk = i / C;
+  q.n = min(T - q.chunk * kChunk, kChunk);
+  q.idx = (static_cast<int64_t>(q.b) * nch + q.chunk) * C + q.c;
+  q.base = (static_cast<int64_t>(q.b) * T + q.chunk * kChunk) * C + q.c;
+  return true;
+}
+
+// The chunk's rows of x (float32 values of one channel, stride C from base) into registers, scaled.
+// Loads are unconditional (rows past the chunk's end re-read its last row and are ignored later): a
+// guarded load becomes a branch per token and the loads then wait for each other.
+template <typename T>
+__device__ __forceinline__ void load_rows(const T* __restrict__ x, int64_t base, int n, int C, float scale,
+                                          float (&out)[kChunk]) {
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) out[j] = to_f(x[base + static_cast<int64_t>(min(j, n - 1)) * C]) * scale;
+}
+
+// k (in log2 units) and v of the thread's chunk
+template <typename scalar_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
+                                           int64_t base, int n, int C, float (&k2)[kChunk], float (&vv)[kChunk]) {
+  load_rows(kin, base, n, C, kLog2e, k2);
+  load_rows(vin, base, n, C, 1.f, vv);
+}
+
 // One scan state: value (s1, s2) * 2^p, derivatives (r1, r2) w.r.t. w (natural units).
 struct State {
   float p, s1, s2, r1, r2;
@@ -218,36 +255,25 @@ __global__ void summary_kernel(const scalar_t* __restrict__ kin, const scalar_t*
                                const float* __restrict__ lse, const float* __restrict__ yf,
                                const float* __restrict__ w, float* __restrict__ out, int B, int T, int C,
                                int nch) {
-  // grid: (ceil(nch * C / kThreads), B); 32-bit index arithmetic inside one batch element
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= nch * C) return;
-  const int b = blockIdx.y;
-  const int c = i % C;
-  const int chunk = i / C;
-  const int64_t bc = static_cast<int64_t>(b) * nch + chunk;  // b * nch + chunk
-  const int64_t idx = bc * C + c;
-  const int64_t total = static_cast<int64_t>(B) * nch * C;
-  const int s0 = chunk * kChunk;
-  const int n = min(T - s0, kChunk);
-  const float w2 = w[c] * kLog2e;
+  // grid: (ceil(nch * C / kThreads), B)
+  ChunkThread q;
+  if (!chunk_thread(T, C, nch, q)) return;
+  const int n = q.n;
+  const int64_t idx = q.idx;
+  const float w2 = w[q.c] * kLog2e;
   float key[kChunk], a1[kChunk], a2[kChunk];
-  // Loads are unconditional (rows past the chunk's end re-read its last row and are ignored below):
-  // a guarded load becomes a branch per token and the loads then wait for each other.
+  if (GRAD) {
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    const int64_t off = (static_cast<int64_t>(b) * T + s0 + min(j, n - 1)) * C + c;
-    if (GRAD) {
+    for (int j = 0; j < kChunk; ++j) {  // unconditional loads, as in load_rows
+      const int64_t off = q.base + static_cast<int64_t>(min(j, n - 1)) * C;
       key[j] = -lse[off];
       a1[j] = to_f(ain[off]);
       a2[j] = a1[j] * yf[off];
-    } else {
-      key[j] = to_f(kin[off]) * kLog2e;
-      a1[j] = to_f(ain[off]);
-      a2[j] = 1.f;
     }
+  } else {
+    load_chunk(kin, ain, q.base, n, C, key, a1);
   }
-  const int64_t plane = total;
-#pragma unroll
+  const int64_t plane = static_cast<int64_t>(B) * nch * C;
   if (GRAD) {
 #pragma unroll
     for (int d = 0; d < 2; ++d) store_state<GRAD>(out, plane, d, idx, chunk_state<GRAD>(key, a1, a2, n, w2, d));
@@ -539,29 +565,17 @@ __global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __
                                const float* __restrict__ carry, out_t* __restrict__ y, float* __restrict__ lse,
                                float* __restrict__ yf, const out_t* __restrict__ gate, int B, int T, int C,
                                int nch) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= nch * C) return;
-  const int b = blockIdx.y;
-  const int c = i % C;
-  const int chunk = i / C;
-  const int64_t bc = static_cast<int64_t>(b) * nch + chunk;
-  const int64_t idx = bc * C + c;
-  const int64_t total = static_cast<int64_t>(B) * nch * C;
-  const int s0 = chunk * kChunk;
-  const int n = min(T - s0, kChunk);
-  const float w2 = w[c] * kLog2e;
-  const float u2 = u[c] * kLog2e;
-  const int64_t base = (static_cast<int64_t>(b) * T + s0) * C + c;
+  ChunkThread q;
+  if (!chunk_thread(T, C, nch, q)) return;
+  const int n = q.n;
+  const int64_t base = q.base;
+  const float w2 = w[q.c] * kLog2e;
+  const float u2 = u[q.c] * kLog2e;
   float k2[kChunk], vv[kChunk];
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) {  // unconditional loads, see summary_kernel
-    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
-    k2[j] = to_f(kin[off]) * kLog2e;
-    vv[j] = to_f(vin[off]);
-  }
-  const int64_t plane = total;
-  const State cc = load_state<false>(carry, plane, 0, idx);
-  const State ca = load_state<false>(carry, plane, 1, idx);
+  load_chunk(kin, vin, base, n, C, k2, vv);
+  const int64_t plane = static_cast<int64_t>(B) * nch * C;
+  const State cc = load_state<false>(carry, plane, 0, q.idx);
+  const State ca = load_state<false>(carry, plane, 1, q.idx);
   out_sweep<out_t, WRITE_LSE, GATED>(k2, vv, n, w2, u2, cc, ca, y + base, WRITE_LSE ? lse + base : nullptr,
                                      (WRITE_LSE && yf != nullptr) ? yf + base : nullptr,
                                      GATED ? gate + base : nullptr, C);
@@ -578,18 +592,6 @@ __global__ void __launch_bounds__(kThreads, 5) fwd_out_kernel(const scalar_t* __
 constexpr int kSupChunks = 8;
 constexpr int kSupLanes = 32;
 constexpr int kSupTokens = kSupChunks * kChunk;
-
-// k, v of the thread's chunk into registers (k in log2 units), unconditional loads as in summary_kernel
-template <typename scalar_t>
-__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ kin, const scalar_t* __restrict__ vin,
-                                           int64_t base, int n, int C, float (&k2)[kChunk], float (&vv)[kChunk]) {
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
-    k2[j] = to_f(kin[off]) * kLog2e;
-    vv[j] = to_f(vin[off]);
-  }
-}
 
 __device__ __forceinline__ void put_state(float (*sh)[kSupChunks][kSupLanes + 1], int row, int lane, const State& s) {
   sh[0][row][lane] = s.p;
@@ -749,30 +751,21 @@ __global__ void bwd_out_kernel(const scalar_t* __restrict__ kin, const scalar_t*
                                const float* __restrict__ u, const float* __restrict__ carry,
                                scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, float* __restrict__ dwp,
                                float* __restrict__ dup, int B, int T, int C, int nch) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= nch * C) return;
-  const int b = blockIdx.y;
-  const int c = i % C;
-  const int chunk = i / C;
-  const int64_t bc = static_cast<int64_t>(b) * nch + chunk;
-  const int64_t idx = bc * C + c;
-  const int64_t total = static_cast<int64_t>(B) * nch * C;
-  const int s0 = chunk * kChunk;
-  const int n = min(T - s0, kChunk);
-  const float w2 = w[c] * kLog2e;
-  const float u2 = u[c] * kLog2e;
-  const int64_t base = (static_cast<int64_t>(b) * T + s0) * C + c;
+  ChunkThread q;
+  if (!chunk_thread(T, C, nch, q)) return;
+  const int n = q.n;
+  const int64_t idx = q.idx;
+  const int64_t base = q.base;
+  const float w2 = w[q.c] * kLog2e;
+  const float u2 = u[q.c] * kLog2e;
   float k2[kChunk], vv[kChunk], gg[kChunk], gy[kChunk], kap[kChunk];
+  load_chunk(kin, vin, base, n, C, k2, vv);
+  load_rows(gin, base, n, C, 1.f, gg);
+  load_rows(yf, base, n, C, 1.f, gy);
+  load_rows(lse, base, n, C, -1.f, kap);
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {  // unconditional loads, see summary_kernel
-    const int64_t off = base + static_cast<int64_t>(min(j, n - 1)) * C;
-    k2[j] = to_f(kin[off]) * kLog2e;
-    vv[j] = to_f(vin[off]);
-    gg[j] = to_f(gin[off]);
-    gy[j] = gg[j] * yf[off];
-    kap[j] = -lse[off];
-  }
-  const int64_t plane = total;
+  for (int j = 0; j < kChunk; ++j) gy[j] *= gg[j];
+  const int64_t plane = static_cast<int64_t>(B) * nch * C;
   float dva[kChunk], dka[kChunk];
   float dw_acc = 0.f, du_acc = 0.f;
   {
