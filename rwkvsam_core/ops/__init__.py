@@ -125,8 +125,8 @@ def bi_wkv_gated(
     """``sigmoid(r) * bi_wkv(w, u, k, v)``: the gated output of a VRWKV spatial mix.
 
     With the CUDA kernel and no gradient to record, one kernel computes both in float32 and rounds
-    once to k's dtype (no pass over ``y`` for the gate). Otherwise the gate is applied in float32 to
-    ``bi_wkv``'s output (differentiable), then rounded to k's dtype.
+    once to k's dtype (no pass over ``y`` for the gate). Otherwise the gate is applied in float32
+    (float64 for float64 inputs) to ``bi_wkv``'s output (differentiable), then rounded to k's dtype.
 
     Args:
         w, u, k, v: as for :func:`bi_wkv`.
@@ -150,4 +150,5 @@ def bi_wkv_gated(
         and _cuda_impl()[1].startswith("cuda:")  # the extension, not the Triton stand-in
     ):
         return torch.ops.rwkvsam.bi_wkv_gated(w, u, k, v, r)
-    return (torch.sigmoid(r.float()) * bi_wkv(w, u, k, v).float()).to(k.dtype)
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    return (torch.sigmoid(r.to(acc)) * bi_wkv(w, u, k, v).to(acc)).to(k.dtype)

@@ -275,6 +275,15 @@ def test_gated_is_the_gate_times_bi_wkv(dtype):
     torch.testing.assert_close(rg.grad, y * torch.sigmoid(r.float()) * (1 - torch.sigmoid(r.float())))
 
 
+def test_gated_keeps_float64():
+    w, u, k, v = _inputs(1, 12, 3, seed=11)
+    k, v = k.double(), v.double()
+    r = torch.randn(k.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    out = bi_wkv_gated(w, u, k, v, r)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, torch.sigmoid(r) * bi_wkv(w, u, k, v))
+
+
 def test_gated_rejects_a_mismatched_gate():
     w, u, k, v = _inputs(1, 10, 4, seed=10)
     with pytest.raises(ValueError, match="r must have k's shape"):
