@@ -484,6 +484,31 @@ def test_kernel_sources_found():
     assert all((src / f).is_file() for f in SOURCE_FILES)
 
 
+def test_nvrtc_check_script_covers_every_launched_kernel():
+    """scripts/check_kernels_nvrtc.py (the compile check without a GPU) instantiates every kernel the
+    launchers start, and the kernels stay above its marker line."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "check_kernels_nvrtc", root / "scripts" / "check_kernels_nvrtc.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src = (root / "kernels" / "bi_wkv_kernels.cu").read_text()
+    device, host = src.split(mod.MARKER)
+    launched = set(re.findall(r"(\w+_kernel)(?:<[^<>]*>)?\s*(?:\n\s*)?<<<", host))
+    assert launched >= {"sup_summary_kernel", "fwd_fused_kernel", "fwd_out_kernel", "bwd_out_kernel"}
+    covered = " ".join(mod._instantiations())
+    assert all(f"rwkvsam::{k}" in covered for k in launched), launched
+    assert all(re.search(rf"\b{k}\(", device) for k in launched)  # defined above the marker
+    assert mod._readable("_ZN7rwkvsam3_GLOBAL__N_114fwd_out_kernelI13__nv_bfloat16S2_Lb0ELb1EEEvPKT_") == (
+        "fwd_out_kernel<bf16, (same), 0, 1>"
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on machines without CUDA")
 def test_dispatch_without_cuda_says_portable():
     from rwkvsam_core.ops import _cuda_dispatch
