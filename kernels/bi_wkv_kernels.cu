@@ -261,8 +261,10 @@ __global__ void summary_kernel(const scalar_t* __restrict__ kin, const scalar_t*
   const int n = q.n;
   const int64_t idx = q.idx;
   const float w2 = w[q.c] * kLog2e;
-  float key[kChunk], a1[kChunk], a2[kChunk];
+  const int64_t plane = static_cast<int64_t>(B) * nch * C;
+  float key[kChunk], a1[kChunk];
   if (GRAD) {
+    float a2[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {  // unconditional loads, as in load_rows
       const int64_t off = q.base + static_cast<int64_t>(min(j, n - 1)) * C;
@@ -270,14 +272,10 @@ __global__ void summary_kernel(const scalar_t* __restrict__ kin, const scalar_t*
       a1[j] = to_f(ain[off]);
       a2[j] = a1[j] * yf[off];
     }
-  } else {
-    load_chunk(kin, ain, q.base, n, C, key, a1);
-  }
-  const int64_t plane = static_cast<int64_t>(B) * nch * C;
-  if (GRAD) {
 #pragma unroll
     for (int d = 0; d < 2; ++d) store_state<GRAD>(out, plane, d, idx, chunk_state<GRAD>(key, a1, a2, n, w2, d));
   } else {
+    load_chunk(kin, ain, q.base, n, C, key, a1);
     State causal, anti;
     forward_chunk_states(key, a1, n, w2, causal, anti);
     store_state<GRAD>(out, plane, 0, idx, causal);
