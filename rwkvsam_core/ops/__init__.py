@@ -92,6 +92,15 @@ def _validate(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"bi_wkv: all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+def _check_gate(k: torch.Tensor, r: torch.Tensor) -> None:
+    """ValueError unless the gate r of a gated Bi-WKV has k's shape, dtype and device."""
+    if r.shape != k.shape or r.dtype != k.dtype or r.device != k.device:
+        raise ValueError(
+            f"bi_wkv_gated: r must have k's shape {tuple(k.shape)}, dtype {k.dtype} and device {k.device}, "
+            f"got {tuple(r.shape)} {r.dtype} on {r.device}"
+        )
+
+
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Bidirectional WKV attention of Vision-RWKV / RWKV-SAM, exact formula, O(T).
 
@@ -136,11 +145,7 @@ def bi_wkv_gated(
         ValueError: on wrong shapes, dtypes or mixed devices.
     """
     _validate(w, u, k, v)
-    if r.shape != k.shape or r.dtype != k.dtype or r.device != k.device:
-        raise ValueError(
-            f"bi_wkv_gated: r must have k's shape {tuple(k.shape)}, dtype {k.dtype} and device {k.device}, "
-            f"got {tuple(r.shape)} {r.dtype} on {r.device}"
-        )
+    _check_gate(k, r)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v, r))
     if (
         not needs_grad

@@ -234,12 +234,10 @@ def _define_ops(mod: ModuleType) -> None:
     lib.define("bi_wkv_gated(Tensor w, Tensor u, Tensor k, Tensor v, Tensor r) -> Tensor")
 
     def gated(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor):
+        from . import _check_gate
+
         check_args(w, u, k, v)
-        if r.shape != k.shape or r.dtype != k.dtype or r.device != k.device:
-            raise ValueError(
-                f"bi_wkv_gated: r must have k's shape {tuple(k.shape)}, dtype {k.dtype} and device "
-                f"{k.device}, got {tuple(r.shape)} {r.dtype} on {r.device}"
-            )
+        _check_gate(k, r)
         return mod.forward_gated(w, u, k, v, r)
 
     lib.impl("bi_wkv", forward, "CUDA")
