@@ -37,22 +37,23 @@ def _wall_ms(fn, reps: int = 20) -> float:
 
 
 def launch_costs() -> None:
-    from rwkvsam_core.ops import fused
+    from rwkvsam_core.ops import fused_conv
 
-    g = torch.randn(64, device="cuda")
+    g = torch.randn(4, 16, device="cuda")
+    b = torch.randn(16, device="cuda")
     n = 200
 
     def triton_calls():
         for _ in range(n):
-            fused.relu_square_(g)
+            fused_conv.add_channel_bias_(g, b)
 
     def torch_calls():
         for _ in range(n):
-            torch.relu(g).square()
+            g.add_(b)
 
     print(
-        f"one call from Python: Triton relu_square_ {_wall_ms(triton_calls, 5) / n * 1e3:.1f} us, "
-        f"torch relu + square {_wall_ms(torch_calls, 5) / n * 1e3:.1f} us"
+        f"one call from Python: Triton add_channel_bias_ {_wall_ms(triton_calls, 5) / n * 1e3:.1f} us, "
+        f"torch add_ {_wall_ms(torch_calls, 5) / n * 1e3:.1f} us"
     )
 
 

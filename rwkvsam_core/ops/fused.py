@@ -16,8 +16,9 @@ one read and one write each:
   value reads its own row and the one neighbour its channel quarter takes. (One pass that
   recomputed the LayerNorm of the four neighbours of each token was slower on an H200: 22.7 us a
   call at 4096 x 384 against 6 + 8.7 us; BENCHMARKS.md.)
-- :func:`relu_square_`: the channel mix's squared ReLU. (The spatial mix's gate is applied by the
-  Bi-WKV CUDA kernel's output pass, ``rwkvsam_core.ops.bi_wkv_gated``.)
+(The spatial mix's gate is applied by the Bi-WKV CUDA kernel's output pass,
+``rwkvsam_core.ops.bi_wkv_gated``, and the channel mix's squared ReLU by the epilogue of its key
+product, ``fused_conv.pointwise_conv(..., relu_square=True)``.)
 
 Everything computes in float32 and rounds once, when storing. Inference only (no autograd): the
 model calls these only under ``torch.no_grad``/``inference_mode`` on CUDA tensors
@@ -39,7 +40,6 @@ __all__ = [
     "fast_path",
     "status",
     "layer_norm_rows",
-    "relu_square_",
     "vrwkv_prep",
 ]
 
@@ -213,13 +213,6 @@ if triton is not None:
             mu = tl.load(MIX + mi * C + cols, mask=cmask, other=0.0).to(tl.float32)
             tl.store(OUT + mi * N * C + offs, (xx + mu[None, :] * (z - xx)).to(OUT.dtype.element_ty), mask=m)
 
-    @triton.jit
-    def _relu_square_kernel(X, numel, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < numel
-        x = tl.maximum(tl.load(X + offs, mask=m, other=0.0).to(tl.float32), 0.0)
-        tl.store(X + offs, (x * x).to(X.dtype.element_ty), mask=m)
-
 
 def _check_rows(name: str, t: torch.Tensor, n: int, c: int) -> None:
     if t.shape[-1] != c or t.numel() != n * c:
@@ -375,18 +368,3 @@ def vrwkv_prep(
             num_warps=warps,
         )
     return out, x_new
-
-
-_ELEMENTWISE_BLOCK = 2048
-
-
-def relu_square_(x: torch.Tensor) -> torch.Tensor:
-    """``x = relu(x) ** 2`` in place (float32 arithmetic); returns ``x``."""
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous")
-    numel = x.numel()
-    if numel:
-        _relu_square_kernel[(triton.cdiv(numel, _ELEMENTWISE_BLOCK),)](
-            x, numel, BLOCK=_ELEMENTWISE_BLOCK, num_warps=4
-        )
-    return x

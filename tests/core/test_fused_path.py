@@ -96,13 +96,6 @@ def test_vrwkv_prep_bf16_output_and_no_delta():
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
 
 
-def test_relu_square_kernel():
-    h = torch.randn(4, 50, device=DEV)
-    ref = torch.relu(h).square()
-    assert fused.relu_square_(h) is h
-    torch.testing.assert_close(h, ref)
-
-
 def test_bad_inputs_raise():
     x = torch.randn(1, 12, 8, device=DEV)
     w = torch.ones(8, device=DEV)
