@@ -177,7 +177,8 @@ def _avg_pool3x3_kernel(
 @triton.jit
 def _dw_tap_row(x_ptr, b, hi, H, W, C, wo, wo_ok, c, c_ok, STRIDE: tl.constexpr):
     """The three horizontally shifted [BLOCK_W, BLOCK_C] views of input row ``hi`` that the 3x3
-    windows of output columns ``wo`` read (zeros outside the image), in float32."""
+    windows of output columns ``wo`` read (zeros outside the image), in x's dtype (widened to
+    float32 by the products with the float32 taps)."""
     h_in = (hi >= 0) & (hi < H)
     row_base = (b.to(tl.int64) * H + hi) * W
     wi = wo * STRIDE - 1
@@ -185,9 +186,9 @@ def _dw_tap_row(x_ptr, b, hi, H, W, C, wo, wo_ok, c, c_ok, STRIDE: tl.constexpr)
     ok1 = tl.where(h_in, (wi + 1 < W) & wo_ok, False)
     ok2 = tl.where(h_in, (wi + 2 < W) & wo_ok, False)
     offs = (row_base + wi)[:, None] * C + c[None, :]
-    t0 = tl.load(x_ptr + offs, mask=ok0[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    t1 = tl.load(x_ptr + offs + C, mask=ok1[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    t2 = tl.load(x_ptr + offs + 2 * C, mask=ok2[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    t0 = tl.load(x_ptr + offs, mask=ok0[:, None] & c_ok[None, :], other=0.0)
+    t1 = tl.load(x_ptr + offs + C, mask=ok1[:, None] & c_ok[None, :], other=0.0)
+    t2 = tl.load(x_ptr + offs + 2 * C, mask=ok2[:, None] & c_ok[None, :], other=0.0)
     return t0, t1, t2
 
 
@@ -209,9 +210,8 @@ def _dw_rows_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # One program per (ROWS consecutive output rows, BLOCK_W output columns, BLOCK_C channels). It
-    # walks down its rows keeping the three input rows of the current window in registers, so each
-    # input row is loaded once per program (stride 1), not three times.
+    # One program per (ROWS consecutive output rows, BLOCK_W output columns, BLOCK_C channels),
+    # walking down its rows.
     row_blocks = tl.cdiv(Ho, ROWS)
     b = tl.program_id(0) // row_blocks
     ho0 = (tl.program_id(0) % row_blocks) * ROWS
@@ -230,31 +230,46 @@ def _dw_rows_kernel(
     w22 = tl.load(w_ptr + c * 9 + 8, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    hi = ho0 * STRIDE - 1
-    a0, a1, a2 = _dw_tap_row(x_ptr, b, hi, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
-    m0, m1, m2 = _dw_tap_row(x_ptr, b, hi + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
-    z0, z1, z2 = _dw_tap_row(x_ptr, b, hi + 2, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+    row = ho0 * STRIDE - 1  # the first input row of the program's first window
+    # Input row r holds three taps per output column; its dot with kernel row k goes into output row
+    # (r + 1 - k) / STRIDE. Only the unfinished outputs' partial sums stay in registers (two rows
+    # for stride 1, one for stride 2), and each input row is loaded once, one step ahead.
+    t0, t1, t2 = _dw_tap_row(x_ptr, b, row, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+    acc = t0 * w00 + t1 * w01 + t2 * w02
+    if STRIDE == 1:
+        t0, t1, t2 = _dw_tap_row(x_ptr, b, row + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+        acc += t0 * w10 + t1 * w11 + t2 * w12
+        nxt = t0 * w00 + t1 * w01 + t2 * w02  # output row ho0 + 1
+        t0, t1, t2 = _dw_tap_row(x_ptr, b, row + 2, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+    else:
+        t0, t1, t2 = _dw_tap_row(x_ptr, b, row + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+        u0, u1, u2 = _dw_tap_row(x_ptr, b, row + 2, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
     for i in range(ROWS):
         ho = ho0 + i
-        acc = a0 * w00 + a1 * w01 + a2 * w02
-        acc += m0 * w10 + m1 * w11 + m2 * w12
-        acc += z0 * w20 + z1 * w21 + z2 * w22
+        # the next step's input rows, loaded before this row's arithmetic so that their latency
+        # overlaps it
+        nrow = (ho + 1) * STRIDE + 1
+        if STRIDE == 1:
+            n0, n1, n2 = _dw_tap_row(x_ptr, b, nrow, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+            out = acc + (t0 * w20 + t1 * w21 + t2 * w22)
+            acc = nxt + (t0 * w10 + t1 * w11 + t2 * w12)
+            nxt = t0 * w00 + t1 * w01 + t2 * w02
+            t0, t1, t2 = n0, n1, n2
+        else:
+            n0, n1, n2 = _dw_tap_row(x_ptr, b, nrow - 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+            v0, v1, v2 = _dw_tap_row(x_ptr, b, nrow, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+            out = acc + (t0 * w10 + t1 * w11 + t2 * w12)
+            out += u0 * w20 + u1 * w21 + u2 * w22
+            acc = u0 * w00 + u1 * w01 + u2 * w02
+            t0, t1, t2 = n0, n1, n2
+            u0, u1, u2 = v0, v1, v2
         if HAS_BIAS:
-            acc += bias
+            out += bias
         if GELU:
-            acc = _gelu(acc)
+            out = _gelu(out)
         out_offs = ((b.to(tl.int64) * Ho + ho) * Wo + wo)[:, None] * C + c[None, :]
         row_ok = tl.where(ho < Ho, wo_ok, False)
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
-        # slide the window down one output row: STRIDE new input rows
-        top = (ho + 1) * STRIDE - 1
-        if STRIDE == 1:
-            a0, a1, a2 = m0, m1, m2
-            m0, m1, m2 = z0, z1, z2
-        else:
-            a0, a1, a2 = z0, z1, z2
-            m0, m1, m2 = _dw_tap_row(x_ptr, b, top + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
-        z0, z1, z2 = _dw_tap_row(x_ptr, b, top + 2, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
 
 def _interpreted() -> bool:
@@ -469,8 +484,8 @@ def depthwise3x3(
     out = torch.empty((B, Ho, Wo, C), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
-    # 8 rows x 16 columns x 128 channels: tuned on an H200 (benchmarks/tune_fused_kernels.py)
-    rows, block_w, block_c, num_warps = _config or (8, 16, min(128, max(16, triton.next_power_of_2(C))), 4)
+    # 16 rows x 16 columns x 128 channels: tuned on an H200 (benchmarks/tune_fused_kernels.py)
+    rows, block_w, block_c, num_warps = _config or (16, 16, min(128, max(16, triton.next_power_of_2(C))), 4)
     grid = (B * triton.cdiv(Ho, rows), triton.cdiv(Wo, block_w), triton.cdiv(C, block_c))
     _dw_rows_kernel[grid](
         x,

@@ -141,6 +141,21 @@ def test_depthwise3x3_matches_conv2d(dtype, H, W, C, stride):
     assert _rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("config", [None, (1, 8, 16, 4), (3, 4, 32, 2), (5, 16, 16, 4)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise3x3_programs_walking_several_row_blocks(config, stride):
+    """Each program walks ROWS output rows, carrying partial sums from one input row to the next:
+    images taller than one row block (the last one ragged), blocks that start inside the image,
+    several column and channel blocks."""
+    x = _randn(1, 37, 21, 40)
+    weight, bias = _randn(40, 1, 3, 3, scale=0.5), _randn(40)
+    out = depthwise3x3(x, weight, bias, stride, _config=config)
+    ref = F.gelu(
+        F.conv2d(x.double().permute(0, 3, 1, 2), weight.double(), bias.double(), stride, 1, groups=40)
+    ).permute(0, 2, 3, 1)
+    assert _rel(out, ref) < 1e-6
+
+
 def test_depthwise3x3_from_channels_last_without_bias_or_gelu():
     """The intended call: a channels-last NCHW activation permuted to NHWC (no copy), float32 output."""
     B, C, H, W = 1, 20, 8, 9
