@@ -193,6 +193,12 @@ def _dw_tap_row(x_ptr, b, hi, H, W, C, wo, wo_ok, c, c_ok, STRIDE: tl.constexpr)
 
 
 @triton.jit
+def _dot3(t0, t1, t2, w0, w1, w2):
+    """One kernel row's contribution, ``t0 * w0 + t1 * w1 + t2 * w2``, in that order."""
+    return t0 * w0 + t1 * w1 + t2 * w2
+
+
+@triton.jit
 def _dw_rows_kernel(
     x_ptr,  # (B, H, W, C) contiguous
     w_ptr,  # (C, 9) depthwise taps
@@ -235,11 +241,11 @@ def _dw_rows_kernel(
     # (r + 1 - k) / STRIDE. Only the unfinished outputs' partial sums stay in registers (two rows
     # for stride 1, one for stride 2), and each input row is loaded once, one step ahead.
     t0, t1, t2 = _dw_tap_row(x_ptr, b, row, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
-    acc = t0 * w00 + t1 * w01 + t2 * w02
+    acc = _dot3(t0, t1, t2, w00, w01, w02)
     if STRIDE == 1:
         t0, t1, t2 = _dw_tap_row(x_ptr, b, row + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
-        acc += t0 * w10 + t1 * w11 + t2 * w12
-        nxt = t0 * w00 + t1 * w01 + t2 * w02  # output row ho0 + 1
+        acc += _dot3(t0, t1, t2, w10, w11, w12)
+        nxt = _dot3(t0, t1, t2, w00, w01, w02)  # output row ho0 + 1
         t0, t1, t2 = _dw_tap_row(x_ptr, b, row + 2, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
     else:
         t0, t1, t2 = _dw_tap_row(x_ptr, b, row + 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
@@ -251,16 +257,16 @@ def _dw_rows_kernel(
         nrow = (ho + 1) * STRIDE + 1
         if STRIDE == 1:
             n0, n1, n2 = _dw_tap_row(x_ptr, b, nrow, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
-            out = acc + (t0 * w20 + t1 * w21 + t2 * w22)
-            acc = nxt + (t0 * w10 + t1 * w11 + t2 * w12)
-            nxt = t0 * w00 + t1 * w01 + t2 * w02
+            out = acc + _dot3(t0, t1, t2, w20, w21, w22)
+            acc = nxt + _dot3(t0, t1, t2, w10, w11, w12)
+            nxt = _dot3(t0, t1, t2, w00, w01, w02)
             t0, t1, t2 = n0, n1, n2
         else:
             n0, n1, n2 = _dw_tap_row(x_ptr, b, nrow - 1, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
             v0, v1, v2 = _dw_tap_row(x_ptr, b, nrow, H, W, C, wo, wo_ok, c, c_ok, STRIDE)
-            out = acc + (t0 * w10 + t1 * w11 + t2 * w12)
-            out += u0 * w20 + u1 * w21 + u2 * w22
-            acc = u0 * w00 + u1 * w01 + u2 * w02
+            out = acc + _dot3(t0, t1, t2, w10, w11, w12)
+            out += _dot3(u0, u1, u2, w20, w21, w22)
+            acc = _dot3(u0, u1, u2, w00, w01, w02)
             t0, t1, t2 = n0, n1, n2
             u0, u1, u2 = v0, v1, v2
         if HAS_BIAS:
